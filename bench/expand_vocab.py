@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Benchmark: vocabulary expansion of a full-size Llama-3.2-1B-shaped model on CPU.
+
+Builds a random bf16 model with Llama-3.2-1B's shapes (1.24 B parameters, tied 128,256 x 2,048
+embedding) and the real Llama-3 tokenizer in a temporary directory (nothing is downloaded), then
+times, each in its own subprocess so the memory peaks do not mix:
+  1. speechlm.vocab_expansion.expand_vocab (what conversion/expand_vocab.py runs),
+  2. transformers' from_pretrained + resize_token_embeddings(193792) + save_pretrained,
+  3. AutoTokenizer load of the original and of the expanded tokenizer.
+Prints wall time and peak RSS (the process's high-water mark, ru_maxrss) for each.
+
+    .venv/bin/python bench/expand_vocab.py [--workdir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Each child prints one JSON line: wall seconds of the measured work, and its peak RSS.
+_REPORT = "import json, resource; print('RESULT', json.dumps({'seconds': time.perf_counter() - t0, 'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))"
+
+CHILDREN = {
+    "expand_vocab (ours)": """
+import time; t0 = time.perf_counter()
+from speechlm.vocab_expansion import expand_vocab
+s = expand_vocab(SRC, OUT + '-ours')
+print(s.format())
+""",
+    "resize_token_embeddings (transformers)": """
+import time; t0 = time.perf_counter()
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16)
+m.resize_token_embeddings(193792)  # default mean_resizing=True
+m.save_pretrained(OUT + '-resize')
+""",
+    "AutoTokenizer load, original": """
+import time; t0 = time.perf_counter()
+from transformers import AutoTokenizer
+t1 = time.perf_counter(); tok = AutoTokenizer.from_pretrained(SRC); print(f'load {time.perf_counter() - t1:.2f} s, {len(tok)} tokens')
+""",
+    "AutoTokenizer load, expanded": """
+import time; t0 = time.perf_counter()
+from transformers import AutoTokenizer
+t1 = time.perf_counter(); tok = AutoTokenizer.from_pretrained(OUT + '-ours'); print(f'load {time.perf_counter() - t1:.2f} s, {len(tok)} tokens')
+""",
+}
+
+
+def make_llama32_1b(out: Path) -> int:
+    """A random bf16 Llama-3.2-1B-shaped HF checkpoint written straight to safetensors."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from speechlm import tiny
+
+    config = LlamaConfig(
+        vocab_size=tiny.LLAMA3_TEXT_VOCAB, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131_072,
+        rms_norm_eps=1e-5, rope_parameters={"rope_theta": tiny.LLAMA32_ROPE_THETA, **tiny.LLAMA32_ROPE},
+        tie_word_embeddings=True, bos_token_id=tiny.BOS_ID, eos_token_id=tiny.EOS_ID, dtype="bfloat16",
+    )
+    with torch.device("meta"):  # shapes only; values are filled below without a slow init
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    out.mkdir(parents=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(out)
+    tiny.write_llama3_tokenizer(out, release="3.2")
+    return sum(t.numel() for t in tensors.values())
+
+
+def run_child(code: str, src: Path, out: Path) -> dict:
+    prog = f"SRC, OUT = {str(src)!r}, {str(out)!r}\n{code}\n{_REPORT}"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"child failed:\n{r.stderr[-3000:]}")
+    lines = r.stdout.strip().splitlines()
+    result = json.loads(next(line for line in lines if line.startswith("RESULT"))[7:])
+    result["process_seconds"] = wall
+    result["log"] = "\n".join(line for line in lines if not line.startswith("RESULT"))
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", type=Path, help="where to build the models (default: a temporary directory)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = p.parse_args()
+    tmp = tempfile.TemporaryDirectory(dir=args.workdir, delete=not args.keep)
+    src, out = Path(tmp.name) / "llama32-1b-random", Path(tmp.name) / "expanded"
+    t0 = time.perf_counter()
+    n = make_llama32_1b(src)
+    print(f"built a random Llama-3.2-1B-shaped bf16 model: {n / 1e9:.3f} B parameters in {time.perf_counter() - t0:.0f} s ({src})")
+    import os
+
+    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+    print(f"{'what':42s} {'work s':>8s} {'process s':>10s} {'peak RSS GiB':>13s}")
+    for name, code in CHILDREN.items():
+        r = run_child(code, src, out)
+        print(f"{name:42s} {r['seconds']:8.1f} {r['process_seconds']:10.1f} {r['peak_rss_gib']:13.2f}")
+        for line in r["log"].splitlines():
+            print(f"    {line}")
+    if args.keep:
+        print(f"kept {tmp.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

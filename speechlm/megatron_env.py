@@ -1,0 +1,56 @@
+"""Entry into Megatron-Bridge: CPU mode when there is no GPU, and the model provider settings
+that differ between the GPU path (TransformerEngine) and the CPU path (local layers).
+
+Import this module before anything from `megatron.bridge`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from speechlm import cpu_compat
+
+CPU_MODE = cpu_compat.apply()
+
+# Fused kernels that exist only on GPU (TE / apex / CUDA JIT).
+_GPU_ONLY_FUSIONS = (
+    "bias_activation_fusion",
+    "masked_softmax_fusion",
+    "persist_layer_norm",
+    "apply_rope_fusion",
+    "bias_dropout_fusion",
+    "gradient_accumulation_fusion",
+    "cross_entropy_loss_fusion",
+)
+
+
+def adapt_provider(provider) -> None:
+    """Make a Bridge `GPTModelProvider` buildable here: TE layer spec on GPU (Bridge's default),
+    megatron-core's local spec and no fused kernels on CPU."""
+    if not CPU_MODE:
+        return
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+
+    provider.transformer_layer_spec = local_layer_spec
+    provider.transformer_impl = "local"
+    for name in _GPU_ONLY_FUSIONS:
+        setattr(provider, name, False)
+
+
+def distributed_backend() -> str:
+    return "gloo" if CPU_MODE else "nccl"
+
+
+def init_single_process_env() -> None:
+    """torch.distributed env defaults so a tool also runs as a plain `python script.py`."""
+    for key, value in dict(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
