@@ -1,17 +1,26 @@
 """Training entry point: a recipe YAML (+ key=value overrides) -> Bridge ConfigContainer -> pretrain().
 
-    torchrun --nproc-per-node N -m speechlm.train --config recipes/smoke.yaml [key=value ...]
+    torchrun --nproc-per-node 8 -m speechlm.train --config recipes/pretrain_llama32_1b.yaml [key=value ...]
+    python -m speechlm.train --config recipes/pretrain_llama32_1b.yaml --dry-run --world-size 64 [key=value ...]
 
 A recipe has two kinds of top-level keys: Bridge's own ConfigContainer sections (`train`,
 `optimizer`, `scheduler`, `dataset`, `checkpoint`, `logger`, `model`, `ddp`, ...), merged onto
 Bridge's `_pretrain_common()` defaults exactly as Bridge's own YAML overrides are, and one
-`speechlm` section for what Bridge has no field for (where the model comes from).
+`speechlm` section for what Bridge has no field for (model directory, blend file, run length in
+tokens, warm-up as a fraction, checkpoint schedule and retention). A recipe may name a `base`
+recipe and state only what differs from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
+import subprocess
 import sys
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from speechlm import megatron_env
@@ -19,31 +28,69 @@ from speechlm import megatron_env
 import torch  # noqa: E402  (after the CPU mode)
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from speechlm import blend_file, checkpoints  # noqa: E402
+from speechlm.token_layout import VOCAB_SIZE, LayoutMismatchError, TokenLayout  # noqa: E402
+
 OUR_SECTION = "speechlm"
+REPO = Path(__file__).resolve().parent.parent
 
 
-def load_recipe(path: str | Path, overrides: list[str]) -> DictConfig:
-    """The recipe file with `key=value` overrides applied (OmegaConf dotlist syntax)."""
+class RecipeError(ValueError):
+    """A recipe that cannot work; the message says what to change."""
+
+
+# --- recipe files --------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
+    """The recipe (its `base` chain merged first) with `key=value` overrides applied."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"recipe not found: {path}")
+        raise RecipeError(f"recipe not found: {path}")
     recipe = OmegaConf.load(path)
+    base = recipe.pop("base", None)
+    if base:
+        recipe = OmegaConf.merge(load_recipe(path.parent / base), recipe)
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        raise SystemExit(f"overrides must look like key=value, got: {' '.join(bad)}")
-    return OmegaConf.merge(recipe, OmegaConf.from_dotlist(overrides))
+        raise RecipeError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    return OmegaConf.merge(recipe, OmegaConf.from_dotlist(list(overrides)))
 
 
-def build_config(recipe: DictConfig):
-    """A Bridge ConfigContainer: Bridge's pretraining defaults, then the recipe on top."""
+@dataclass
+class Plan:
+    """What the resolved recipe means for the run (printed by --dry-run, checked before any GPU work)."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    seq_length: int
+    global_batch_size: int
+    train_iters: int
+    warmup_iters: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+    @property
+    def train_tokens(self) -> int:
+        return self.tokens_per_step * self.train_iters
+
+
+def build_config(recipe: DictConfig, world_size: int):
+    """A Bridge ConfigContainer (Bridge's pretraining defaults, then the recipe), plus its Plan."""
     from megatron.bridge import AutoBridge
     from megatron.bridge.recipes.common import _pretrain_common
     from megatron.bridge.training.utils.omegaconf_utils import apply_overrides, create_omegaconf_dict_config
+    from megatron.bridge.utils.instantiate_utils import register_allowed_target_prefix
 
-    ours = recipe.get(OUR_SECTION) or {}
+    ours = OmegaConf.to_container(recipe.get(OUR_SECTION) or {}, resolve=True)
     hf_model = ours.get("hf_model")
-    if not hf_model or not Path(hf_model).is_dir():
-        raise SystemExit(f"{OUR_SECTION}.hf_model must name an HF model directory (got {hf_model!r})")
+    if not hf_model or not (Path(hf_model) / "config.json").is_file():
+        raise RecipeError(f"{OUR_SECTION}.hf_model must name a model directory with config.json and the "
+                          f"tokenizer (the vocabulary-expanded or converted model); got {hf_model!r}")
 
     cfg = _pretrain_common()
     # The architecture comes from the HF config; weights from checkpoint.pretrained_checkpoint
@@ -51,45 +98,218 @@ def build_config(recipe: DictConfig):
     cfg.model = AutoBridge.from_hf_pretrained(hf_model).to_megatron_provider(load_weights=False)
     megatron_env.adapt_provider(cfg.model)
     cfg.tokenizer.tokenizer_model = str(hf_model)
-    # Keep the model's vocabulary (193,792 after expansion) instead of re-deriving it from the
-    # tokenizer: Bridge would otherwise re-pad it.
+    # Keep the model's vocabulary (193,792 after expansion): Bridge would re-derive it from the tokenizer.
     cfg.tokenizer.use_tokenizer_vocab_size = False
     cfg.dist.distributed_backend = megatron_env.distributed_backend()
+    cfg.checkpoint.custom_manager_class = "speechlm.checkpoint_manager.SpeechLMCheckpointManager"
+    register_allowed_target_prefix("speechlm.")  # Bridge instantiates only allow-listed classes
 
     bridge_sections = OmegaConf.masked_copy(recipe, [k for k in recipe if k != OUR_SECTION])
     merged, excluded = create_omegaconf_dict_config(cfg)
-    merged = OmegaConf.merge(merged, bridge_sections)
-    apply_overrides(cfg, OmegaConf.to_container(merged, resolve=True), excluded)
-    _align_derived_fields(cfg)
-    return cfg
+    try:
+        merged = OmegaConf.merge(merged, bridge_sections)
+        apply_overrides(cfg, OmegaConf.to_container(merged, resolve=True, throw_on_missing=True), excluded)
+    except Exception as e:  # unknown key, wrong type, unset ??? value
+        raise RecipeError(f"recipe does not fit Bridge's ConfigContainer: {e}") from e
 
-
-def _align_derived_fields(cfg) -> None:
-    """Fields Bridge keeps in two places; the recipe states each once."""
-    cfg.model.seq_length = cfg.dataset.seq_length
-    if cfg.mixed_precision is None:
+    cfg.model.seq_length = cfg.dataset.seq_length  # Bridge keeps it twice; the recipe states it once
+    if cfg.mixed_precision is None:  # fp32 (CPU runs)
         cfg.model.params_dtype = torch.float32
         cfg.model.bf16 = cfg.model.fp16 = False
         cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
+
+    blend = _apply_blend(cfg, ours, hf_model)
+    plan = _plan(cfg, ours, world_size)
+    _check(cfg, plan, hf_model, blend)
+    _set_policy(cfg, ours, recipe, hf_model, blend)
+    return cfg, plan, blend
+
+
+def _apply_blend(cfg, ours: dict, hf_model: str):
+    if not ours.get("blend"):
+        return None  # the recipe states dataset.blend itself (tests, tools)
+    blend = blend_file.load(ours["blend"])
+    layout = TokenLayout.load(hf_model)
+    layout.check_compatible(blend.layout_hash, f"blend {blend.path} vs model {hf_model}")
+    valid = list(blend.validation.values())
+    cfg.dataset.blend = None
+    cfg.dataset.split = None
+    cfg.dataset.blend_per_split = [(blend.train_prefixes, blend.train_weights), (valid, None) if valid else None, None]
+    return blend
+
+
+def _plan(cfg, ours: dict, world_size: int) -> Plan:
+    tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise RecipeError(f"{world_size} ranks cannot be split into TP={tp} x PP={pp}: use a world size divisible by {tp * pp}")
+    gbs, seq = cfg.train.global_batch_size, cfg.dataset.seq_length
+    if ours.get("train_tokens"):  # run length in tokens wins over train.train_iters
+        cfg.train.train_iters = math.ceil(int(ours["train_tokens"]) / (gbs * seq))
+    iters = cfg.train.train_iters
+    if ours.get("warmup_fraction") is not None:
+        cfg.scheduler.lr_warmup_iters = max(1, round(float(ours["warmup_fraction"]) * iters))
+    cfg.scheduler.lr_decay_iters = iters
+    return Plan(world_size, tp, pp, world_size // (tp * pp), seq, gbs, iters, cfg.scheduler.lr_warmup_iters)
+
+
+def _check(cfg, plan: Plan, hf_model: str, blend) -> None:
+    """Fail before any GPU work, saying what to change."""
+    m = cfg.model
+    problems = []
+    if plan.global_batch_size % (cfg.train.micro_batch_size * plan.dp):
+        problems.append(f"train.global_batch_size={plan.global_batch_size} is not divisible by micro_batch_size "
+                        f"({cfg.train.micro_batch_size}) x data-parallel size ({plan.dp})")
+    if m.num_attention_heads % plan.tp or (m.num_query_groups or m.num_attention_heads) % plan.tp:
+        problems.append(f"model.tensor_model_parallel_size={plan.tp} must divide the attention heads "
+                        f"({m.num_attention_heads}) and KV heads ({m.num_query_groups})")
+    if cfg.scheduler.lr_warmup_iters >= plan.train_iters:
+        problems.append(f"warm-up ({cfg.scheduler.lr_warmup_iters} iterations) must be shorter than the run ({plan.train_iters})")
+    if not cfg.checkpoint.save:
+        problems.append("checkpoint.save must name the run's checkpoint directory")
+    layout_file = Path(hf_model) / "token_layout.json"
+    if layout_file.is_file():
+        layout = TokenLayout.load(hf_model)  # verifies its own hash
+        if m.vocab_size < VOCAB_SIZE:
+            problems.append(f"{hf_model} has a vocabulary of {m.vocab_size} < {VOCAB_SIZE}: expand it first")
+        del layout
+    elif blend is not None:
+        problems.append(f"{hf_model} has no token_layout.json: use the vocabulary-expanded model")
+    if cfg.dataset.blend is None and cfg.dataset.blend_per_split is None:
+        problems.append(f"no data: set {OUR_SECTION}.blend (a blend file from data_prep/plan_mix.py) or dataset.blend")
+    if problems:
+        raise RecipeError("the recipe cannot work:\n  - " + "\n  - ".join(problems))
+
+
+def _git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _set_policy(cfg, ours: dict, recipe: DictConfig, hf_model: str, blend) -> None:
+    packages = {}
+    for pkg in ("torch", "megatron-core", "megatron-bridge", "transformers", "speechlm"):
+        try:
+            packages[pkg] = version(pkg)
+        except PackageNotFoundError:
+            packages[pkg] = None
+    layout_file = Path(hf_model) / "token_layout.json"
+    checkpoints.POLICY.update(
+        schedule=ours.get("checkpoint_schedule") or [],
+        keep_last=ours.get("keep_last"),
+        pinned=list(ours.get("pinned") or []),
+        provenance={
+            "git_commit": _git_commit(),
+            "packages": packages,
+            "recipe": OmegaConf.to_container(recipe, resolve=True),
+            "layout_hash": TokenLayout.load(hf_model).layout_hash if layout_file.is_file() else None,
+            "blend": {"path": str(blend.path), "sha256": blend.sha256} if blend else None,
+            "manifests": blend.manifests if blend else {},
+        },
+    )
+    if checkpoints.POLICY["schedule"]:
+        cfg.checkpoint.save_interval = checkpoints.save_interval_at(0, checkpoints.POLICY["schedule"])
+
+
+# --- dry run -------------------------------------------------------------------------------------
+
+
+def estimate_memory_gib(cfg, plan: Plan) -> dict[str, float]:
+    """Rough GPU memory per rank: weights, grads, optimizer, activations, logits (bf16 training,
+    fp32 grads and Adam with the distributed optimizer; flash attention, no recompute)."""
+    m = cfg.model
+    h, layers, vocab, ffn = m.hidden_size, m.num_layers, m.vocab_size, m.ffn_hidden_size
+    kv = (m.num_query_groups or m.num_attention_heads) * m.kv_channels
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn + 2 * h
+    params = layers * per_layer + vocab * h * (1 if m.share_embeddings_and_output_weights else 2) + h
+    shard = params / (plan.tp * plan.pp)
+    dist_opt = cfg.ddp.use_distributed_optimizer
+    b, s = cfg.train.micro_batch_size, plan.seq_length
+    gib = 2**30
+    est = {
+        "parameters (B)": params / 1e9,
+        "weights bf16": 2 * shard / gib,
+        "grads fp32": 4 * shard / gib,
+        "optimizer fp32 (master + Adam)": 12 * shard / (plan.dp if dist_opt else 1) / gib,
+        # ~34 bytes per token per hidden unit per layer (Korthikanti et al. 2022), sharded by TP
+        "activations": 34 * s * b * h * layers / plan.tp / plan.pp / gib,
+        # logits in bf16 plus fp32 for the cross-entropy
+        "logits": 6 * s * b * vocab / plan.tp / gib,
+    }
+    est["total"] = sum(v for k, v in est.items() if k != "parameters (B)")
+    return est
+
+
+def print_dry_run(recipe: DictConfig, cfg, plan: Plan, blend) -> None:
+    print("# resolved recipe\n" + OmegaConf.to_yaml(recipe, resolve=True))
+    print(f"ranks {plan.world_size} = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}")
+    print(f"steps {plan.train_iters:,} (warm-up {plan.warmup_iters:,}); tokens per step {plan.tokens_per_step:,}; "
+          f"run tokens {plan.train_tokens:,}")
+    print(f"LR peak {cfg.optimizer.lr:g} -> min {cfg.optimizer.min_lr:g} ({cfg.scheduler.lr_decay_style}); "
+          f"checkpoints: schedule {checkpoints.POLICY['schedule'] or cfg.checkpoint.save_interval}, keep last {checkpoints.POLICY['keep_last']}")
+    if blend is not None:
+        print("planned epochs of each dataset over this run:")
+        weights = dict(zip(blend.train_prefixes, blend.train_weights))
+        for row in blend.datasets:
+            tokens = max(1, int(row.get("tokens", 0)))
+            epochs = weights.get(row.get("prefix"), 0.0) * plan.train_tokens / tokens
+            print(f"  {row.get('name', row.get('prefix')):28s} weight {weights.get(row.get('prefix'), 0):.4f}  epochs {epochs:.2f}")
+    print("estimated GPU memory per rank (GiB):")
+    for k, v in estimate_memory_gib(cfg, plan).items():
+        print(f"  {k:32s} {v:8.2f}")
+
+
+# --- run -----------------------------------------------------------------------------------------
+
+
+def _forward_sigusr1() -> None:
+    """SLURM sends SIGUSR1 before a time limit or preemption; Bridge's exit handler watches SIGTERM."""
+    def handler(signum, frame):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGUSR1, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m speechlm.train",
-        description="Pretrain with Megatron-Bridge from a recipe YAML. Run under torchrun (or srun).",
-        epilog="Overrides use the recipe's keys, e.g. train.train_iters=100 optimizer.lr=1e-4.",
+        description="Pretrain with Megatron-Bridge from a recipe YAML. Run under torchrun or srun.",
+        epilog="Overrides use the recipe's keys, e.g. train.train_iters=100 optimizer.lr=1e-4 speechlm.blend=blend.yaml",
     )
     parser.add_argument("--config", required=True, help="recipe YAML (recipes/*.yaml)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved recipe, step count, tokens per step, dataset epochs and a memory estimate; train nothing")
+    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                        help="number of ranks to plan for (default: $WORLD_SIZE or 1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied on top of the recipe")
     args = parser.parse_args(argv)
 
-    megatron_env.init_single_process_env()
-    cfg = build_config(load_recipe(args.config, args.overrides))
+    try:
+        recipe = load_recipe(args.config, args.overrides)
+        cfg, plan, blend = build_config(recipe, args.world_size)
+    except (RecipeError, blend_file.BlendError, LayoutMismatchError, FileNotFoundError) as e:
+        sys.exit(f"speechlm.train: {e}")
+    if args.dry_run:
+        print_dry_run(recipe, cfg, plan, blend)
+        return
 
-    from megatron.bridge.training.gpt_step import forward_step
+    megatron_env.init_single_process_env()
+    _forward_sigusr1()
     from megatron.bridge.training.pretrain import pretrain
 
-    pretrain(cfg, forward_step)
+    from speechlm.train_metrics import ThroughputMetrics
+    from speechlm.training_step import forward_step
+    from speechlm.validation import PerSetValidation
+
+    peak = float(OmegaConf.select(recipe, f"{OUR_SECTION}.peak_tflops_per_gpu", default=989.0))
+    callbacks = [ThroughputMetrics(peak, plan.world_size)]
+    if blend and blend.validation:
+        callbacks.append(PerSetValidation(blend.validation, forward_step))
+    pretrain(cfg, forward_step, callbacks=callbacks)
 
 
 if __name__ == "__main__":

@@ -59,3 +59,61 @@ def run_torchrun(nproc: int, args: list[str], log: Path, timeout: int = 600, env
         proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
                               env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     return proc.returncode, log.read_text()
+
+
+def write_synthetic_blend(model_dir: Path, out: Path, n_docs: int = 300, seed: int = 0) -> Path:
+    """Real indexed datasets in the token layout's formats + a blend file over them:
+    audio-only speech in hi and ta (a learnable synthetic codec: each of 30 'words' is a fixed
+    run of codes), TTS pairs in hi, and English text; a held-out validation prefix for each."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from speechlm.blend_file import Blend
+    from speechlm.token_layout import TokenLayout
+
+    layout = TokenLayout.load(model_dir)
+    rng = np.random.default_rng(seed)
+    words = [rng.integers(0, 65_536, size=int(rng.integers(3, 6))) for _ in range(30)]
+    text_words = [rng.integers(1_000, 20_000, size=int(rng.integers(1, 3))) for _ in range(30)]
+
+    def utterance():
+        picks = rng.integers(0, len(words), size=int(rng.integers(3, 7)))
+        return np.concatenate([text_words[i] for i in picks]), np.concatenate([words[i] for i in picks])
+
+    makers = {
+        "audio/hi": lambda: layout.audio_document(utterance()[1]),
+        "audio/ta": lambda: layout.audio_document(utterance()[1] + 7),
+        "tts/hi": lambda: layout.tts_document(*utterance()),
+        "text/en": lambda: layout.text_document(utterance()[0]),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    train, valid, rows = [], {}, []
+    for name, make in makers.items():
+        for split, count in (("train", n_docs), ("valid", 40)):
+            prefix = str(out / f"{name.replace('/', '_')}_{split}")
+            builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+            tokens = 0
+            for _ in range(count):
+                doc = make()
+                tokens += len(doc)
+                builder.add_document(doc, [len(doc)])
+            builder.finalize(prefix + ".idx")
+            if split == "train":
+                train.append(prefix)
+                rows.append({"name": name, "kind": name.split("/")[0], "language": name.split("/")[1],
+                             "prefix": prefix, "tokens": tokens})
+            else:
+                valid[name] = prefix
+    weights = [0.4, 0.3, 0.2, 0.1]
+    blend = Blend(layout_hash=layout.layout_hash, train_prefixes=train, train_weights=weights,
+                  validation=valid, planned_tokens=0, datasets=rows)
+    return blend.write(out / "blend.yaml")
+
+
+@pytest.fixture(scope="session")
+def synthetic_blend(expanded_tiny_dir, tmp_path_factory) -> Path:
+    return write_synthetic_blend(expanded_tiny_dir, tmp_path_factory.mktemp("synthetic-blend"))
+
+
+# --- S3: a moto server on loopback, shared by every test that needs an S3/R2 endpoint ---------
+from s3_fixtures import s3_server  # noqa: E402,F401  (tests/ is on sys.path: rootdir conftest)

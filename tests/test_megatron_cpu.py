@@ -56,7 +56,8 @@ def _losses(log: str) -> dict[int, float]:
 def test_pretrain_two_processes_checkpoint_and_resume(tiny_llama_dir, counting_dataset, tmp_path):
     ckpt = tmp_path / "ckpt"
     common = ["-m", "speechlm.train", "--config", "recipes/smoke.yaml", f"speechlm.hf_model={tiny_llama_dir}",
-              f"dataset.blend=[[{counting_dataset}],null]", f"checkpoint.save={ckpt}", "checkpoint.save_interval=10"]
+              f"dataset.blend=[[{counting_dataset}],null]", "speechlm.blend=null", f"checkpoint.save={ckpt}",
+              "checkpoint.save_interval=10", "dataset.split=90,5,5"]
 
     rc, log = run_torchrun(2, common + ["train.train_iters=20"], tmp_path / "run1.txt")
     assert rc == 0, log[-4000:]

@@ -1,0 +1,70 @@
+"""Validation loss and perplexity for each (kind, language) validation set on its own.
+
+Bridge evaluates one validation iterator (the blend of all held-out sets) at every
+`validation.eval_interval`. Its evaluation loop cannot take several sets, so this callback runs
+Bridge's own `evaluate()` once more per named set right after it, on the same held-out samples
+each time, and logs `<name> lm loss` / `<name> ppl` to tensorboard (and wandb when configured).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from megatron.bridge.training.callbacks import Callback
+from megatron.bridge.training.eval import evaluate
+from megatron.bridge.utils.common_utils import print_rank_last
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset
+from megatron.core.rerun_state_machine import RerunDataIterator
+from megatron.core.utils import get_model_config
+
+
+class PerSetValidation(Callback):
+    def __init__(self, sets: dict[str, str], forward_step_func):
+        self.sets = dict(sorted(sets.items()))
+        self.forward_step_func = forward_step_func
+        self._loaders: dict[str, object] | None = None
+
+    def _build_loaders(self, state) -> dict[str, object]:
+        from megatron.bridge.data.samplers import build_pretraining_data_loader
+
+        cfg = state.cfg
+        n_samples = cfg.validation.eval_iters * cfg.validation.eval_global_batch_size
+        on_this_rank = parallel_state.get_tensor_model_parallel_rank() == 0
+        loaders = {}
+        for name, prefix in self.sets.items():
+            if not on_this_rank:  # Bridge broadcasts the batch from TP rank 0
+                loaders[name] = None
+                continue
+            ds_cfg = dataclasses.replace(cfg.dataset, blend=None, blend_per_split=[None, ([prefix], None), None],
+                                         split=None, multiple_validation_sets=None, mock=False)
+            dataset = BlendedMegatronDatasetBuilder(GPTDataset, [0, n_samples, 0], lambda: True, ds_cfg).build()[1]
+            loaders[name] = build_pretraining_data_loader(
+                dataset, 0, "single", cfg.validation.eval_micro_batch_size, 0, cfg.dataset.data_sharding,
+                pin_memory=False, data_parallel_rank=parallel_state.get_data_parallel_rank(),
+                data_parallel_size=parallel_state.get_data_parallel_world_size(),
+            )
+        return loaders
+
+    def on_eval_end(self, context) -> None:
+        state = context.state
+        if self._loaders is None:
+            self._loaders = self._build_loaders(state)
+        step = state.train_state.step
+        for name, loader in self._loaders.items():
+            iterator = RerunDataIterator(iter(loader)) if loader is not None else None
+            losses, _, timelimit = evaluate(state, self.forward_step_func, iterator, context.model, None,
+                                            get_model_config(context.model[0]), verbose=False)
+            if timelimit or not losses:
+                continue
+            loss = losses["lm loss"].item()
+            ppl = math.exp(min(20.0, loss))
+            print_rank_last(f" validation {name} at iteration {step} | lm loss: {loss:.6E} | ppl: {ppl:.6E}")
+            for writer in (state.tensorboard_logger,):
+                if writer is not None:
+                    writer.add_scalar(f"validation/{name} lm loss", loss, step)
+                    writer.add_scalar(f"validation/{name} ppl", ppl, step)
+            if state.wandb_logger is not None:
+                state.wandb_logger.log({f"validation/{name} lm loss": loss, f"validation/{name} ppl": ppl}, step)
