@@ -1,0 +1,219 @@
+"""WebDataset shards: expand an input spec to a sorted shard list, open a shard (local or S3)
+as a byte stream, and read its samples with a minimal tar parser.
+
+Why our own tar reader: Python's `tarfile` (what webdataset uses) builds a TarInfo object per
+member and parses every header field; reading ~1,250-code segments it tops out near 10 k
+samples/s on one core. A WebDataset shard only needs name, size and type from each header, so
+`iter_tar` reads big blocks and slices members out of them (see docs/data_prep.md for figures).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import gzip
+import io
+import os
+import re
+import zlib
+from typing import BinaryIO, Iterator
+
+from braceexpand import braceexpand
+
+from speechlm import s3
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_BLOCK = 512
+_READ_SIZE = 4 << 20  # bytes per read() from the shard stream
+
+
+class CorruptShardError(ValueError):
+    """The shard is not a well-formed tar stream (bad header, truncated member or archive)."""
+
+
+# --- shard lists ------------------------------------------------------------------------------
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def expand_spec(specs: str | list[str], client_factory=None) -> list[str]:
+    """Shard URLs/paths named by specs, sorted and de-duplicated.
+
+    Each spec is a local path, directory or glob, or `s3://bucket/key`, `s3://bucket/prefix/`
+    (every shard under it), or an s3 glob; brace ranges (`shard-{000000..000099}.tar`) are
+    expanded first. A brace-expanded name without a glob is taken as is (a missing object shows
+    up as a failed shard). `client_factory()` gives the S3 client (only called for s3 specs).
+    """
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    out: set[str] = set()
+    client = None
+    for spec in specs:
+        for item in braceexpand(spec):
+            if item.startswith("s3://"):
+                if client is None:
+                    client = (client_factory or (lambda: s3.make_client()))()
+                out.update(_expand_s3(client, item))
+            else:
+                out.update(_expand_local(item))
+    if not out:
+        raise FileNotFoundError(f"no shards found for {specs}")
+    return sorted(out)
+
+
+def _is_shard(name: str) -> bool:
+    return name.endswith(SHARD_SUFFIXES)
+
+
+def _expand_local(item: str) -> list[str]:
+    if _has_glob(item):
+        return [p for p in glob.glob(item) if os.path.isfile(p)]
+    if os.path.isdir(item):
+        return [os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs if _is_shard(f)]
+    return [item]
+
+
+def _expand_s3(client, url: str) -> list[str]:
+    bucket, key = s3.split_url(url)
+    if _has_glob(key):
+        static = re.split(r"[*?\[]", key, maxsplit=1)[0]
+        return [f"s3://{bucket}/{k}" for k in s3.list_keys(client, bucket, static) if fnmatch.fnmatchcase(k, key)]
+    if key == "" or key.endswith("/") or not _is_shard(key):
+        # a prefix: every shard below it
+        return [f"s3://{bucket}/{k}" for k in s3.list_keys(client, bucket, key) if _is_shard(k)]
+    return [url]
+
+
+# --- opening ----------------------------------------------------------------------------------
+def open_shard(url: str, client=None) -> BinaryIO:
+    """A byte stream of the shard (gunzipped for .tar.gz/.tgz). S3 objects are streamed through
+    `s3.ResumableBody`, never copied to disk."""
+    if url.startswith("s3://"):
+        bucket, key = s3.split_url(url)
+        raw: BinaryIO = s3.ResumableBody(client or s3.make_client(), bucket, key)  # type: ignore[assignment]
+    else:
+        raw = open(url, "rb", buffering=0)
+    if url.endswith((".gz", ".tgz")):
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return raw
+
+
+# --- tar reading ------------------------------------------------------------------------------
+def _octal(field_: bytes) -> int:
+    if field_[:1] in (b"\x80", b"\xff"):  # GNU base-256 for sizes >= 8 GiB
+        n = int.from_bytes(field_[1:], "big")
+        return -n if field_[0] == 0xFF else n
+    s = field_.rstrip(b" \0").lstrip(b" ")
+    return int(s, 8) if s else 0
+
+
+def _checksum_ok(hdr: bytes) -> bool:
+    """The header checksum: the byte sum with the checksum field read as spaces. adler32's low
+    half is (1 + byte sum) mod 65521, computed in C: ~20x faster than sum(hdr) in Python."""
+    want = (zlib.adler32(hdr) & 0xFFFF) - 1 - sum(hdr[148:156]) + 8 * 32
+    try:
+        if int(hdr[148:154], 8) % 65521 == want % 65521:  # the usual "dddddd\0 " form
+            return True
+        return _octal(hdr[148:156]) % 65521 == want % 65521  # other spellings (7 digits, ...)
+    except ValueError:
+        return False
+
+
+def _pax_path(data: bytes) -> str | None:
+    # records are "<len> key=value\n"; TarWriter writes one pax header per member (mtime etc.)
+    if b" path=" not in data:
+        return None
+    for rec in data.split(b"\n"):
+        _, _, kv = rec.partition(b" ")
+        if kv.startswith(b"path="):
+            return kv[5:].decode("utf-8")
+    return None
+
+
+def _refill(read, buf: bytes, pos: int, need: int) -> bytes:
+    """buf[pos:] followed by enough new bytes that at least `need` are available."""
+    parts = [buf[pos:]]
+    have = len(parts[0])
+    while have < need:
+        chunk = read(max(_READ_SIZE, need - have))
+        if not chunk:
+            raise CorruptShardError(f"truncated: stream ended {need - have} bytes short")
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts)
+
+
+def iter_tar(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of every regular file in a tar stream, in order.
+
+    Raises CorruptShardError on a header whose checksum is wrong, a member cut short, or a stream
+    that ends without the end-of-archive block (a truncated upload); the members yielded before
+    the error are intact.
+    """
+    read = f.read
+    buf, pos = b"", 0
+    long_name: str | None = None
+    while True:
+        if pos + _BLOCK > len(buf):
+            try:
+                buf, pos = _refill(read, buf, pos, _BLOCK), 0
+            except CorruptShardError:
+                raise CorruptShardError("truncated: no end-of-archive marker") from None
+        hdr = buf[pos : pos + _BLOCK]
+        pos += _BLOCK
+        if hdr[0] == 0 and hdr.count(0) == _BLOCK:
+            return  # end of archive (a second zero block and record padding may follow)
+        if not _checksum_ok(hdr):
+            raise CorruptShardError("bad tar header checksum")
+        # the usual 11 digits + NUL, else base-256 or other padding (valid: the checksum matched)
+        size = int(hdr[124:135], 8) if hdr[135] == 0 and hdr[124] != 0x80 else _octal(hdr[124:136])
+        padded = (size + _BLOCK - 1) & ~(_BLOCK - 1)
+        if pos + padded > len(buf):
+            buf, pos = _refill(read, buf, pos, padded), 0
+        data = buf[pos : pos + size]
+        pos += padded
+        typ = hdr[156]
+        if typ in _REGULAR:
+            if long_name is not None:
+                name, long_name = long_name, None
+            else:
+                name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8")
+                if hdr[345] and hdr[257:262] == b"ustar":
+                    name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+            yield name, data
+        elif typ == _GNU_LONGNAME:
+            long_name = data.rstrip(b"\0").decode("utf-8")
+        elif typ == _PAX:  # pax extended header: only the path matters here
+            long_name = _pax_path(data) or long_name
+        # directories, links, global pax headers: nothing to read
+
+
+_REGULAR = frozenset(b"0\x007")
+_GNU_LONGNAME, _PAX = ord("L"), ord("x")
+
+
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def iter_samples(f: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) per WebDataset sample: consecutive tar members grouped the way
+    webdataset groups them (key = path up to the first dot of the file name, field = the rest,
+    lower-cased).
+
+    On corruption the sample being assembled is dropped (it may be incomplete) and the
+    CorruptShardError propagates.
+    """
+    key: str | None = None
+    fields: dict[str, bytes] = {}
+    match = _KEY_RE.match
+    for name, data in iter_tar(f):
+        m = match(name)
+        if m is None:
+            continue  # no extension: not part of any sample (webdataset skips these too)
+        k, ext = m.groups()
+        if k != key:
+            if key is not None:
+                yield key, fields
+            key, fields = k, {}
+        fields[ext.lower()] = data
+    if key is not None:
+        yield key, fields

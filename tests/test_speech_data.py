@@ -1,0 +1,468 @@
+"""Speech data preparation: WebDataset shards (local and over a real S3 endpoint) -> Megatron
+indexed datasets. Shards are written with webdataset's own TarWriter; expected documents come
+from token_layout; datasets are read back with megatron-core's IndexedDataset and GPTDataset."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from speechlm import token_layout as tl
+from speechlm.data import shards as shards_mod
+from speechlm.data import speech
+from speechlm.token_layout import TokenLayout
+
+REPO = Path(__file__).resolve().parent.parent
+SEQ = 64  # small, so that splitting and dropping happen with small samples
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def rand_codes(rng, n, dtype=np.int32):
+    return rng.integers(0, tl.CODEC_SIZE, n).astype(dtype)
+
+
+def write_shard(path: Path, samples: list[dict]) -> Path:
+    with wds.TarWriter(str(path)) as tw:
+        for s in samples:
+            tw.write(s)
+    return path
+
+
+def make_samples(rng, prefix: str, n: int, langs=("hi", "ta", "en"), max_codes=200, text=False):
+    out = []
+    for i in range(n):
+        codes = rand_codes(rng, int(rng.integers(5, max_codes)), dtype=[np.int32, np.int64, np.uint16][i % 3])
+        meta = {"language": langs[i % len(langs)], "duration": len(codes) / 50}
+        if text:
+            meta["text"] = " ".join(["namaste", "hello world", "speech", "bharat"][: 1 + i % 4] * (1 + i % 5))
+        out.append({"__key__": f"{prefix}/{i:05d}", "codes.npy": codes, "json": meta})
+    return out
+
+
+def read_prefix(prefix) -> list[np.ndarray]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(prefix))
+    return [np.asarray(ds[i]).copy() for i in range(len(ds))]
+
+
+def expected_audio(layout: TokenLayout, samples: list[dict], seq: int, frac: float) -> dict[str, list[np.ndarray]]:
+    out: dict[str, list[np.ndarray]] = {}
+    for s in samples:
+        lang = s["json"]["language"]
+        split = "valid" if speech.is_valid_key(s["__key__"], frac) else "train"
+        for piece in layout.split_audio_codes(s["codes.npy"], seq):
+            out.setdefault(speech.prefix_name("audio", lang, split), []).append(layout.audio_document(piece, lang))
+    return out
+
+
+def assert_prefixes(out: Path, expected: dict[str, list[np.ndarray]]) -> None:
+    written = sorted(p.stem for p in out.glob("*.idx"))
+    assert written == sorted(expected)
+    for name, docs in expected.items():
+        got = read_prefix(out / name)
+        assert len(got) == len(docs), name
+        for g, e in zip(got, docs):
+            np.testing.assert_array_equal(g, e)
+
+
+def output_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".bin", ".idx") or p.name == "manifest.json"}
+
+
+def load_cli(name: str):
+    spec = importlib.util.spec_from_file_location(f"dp_{name}", REPO / "data_prep" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tagged_layout_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("layout-tags")
+    TokenLayout(language_tags=True).save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def local_shards(tmp_path_factory):
+    """Three local shards of audio samples (int32/int64/uint16 codes, some longer than SEQ)."""
+    d = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    samples = {}
+    for k in range(3):
+        samples[k] = make_samples(rng, f"s{k}", 40)
+        write_shard(d / f"shard-{k:06d}.tar", samples[k])
+    return d, [s for k in range(3) for s in samples[k]]
+
+
+# --- documents ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tags", [False, True])
+def test_audio_documents_read_back_exactly(local_shards, expanded_tiny_dir, tagged_layout_dir, tmp_path, tags):
+    d, samples = local_shards
+    model = tagged_layout_dir if tags else expanded_tiny_dir
+    layout = TokenLayout.load(model)
+    out = tmp_path / "out"
+    summary = speech.build(str(d), model, out, "audio", seq_length=SEQ, valid_fraction=0.2, progress=False)
+    assert not summary["failed"]
+    expected = expected_audio(layout, samples, SEQ, 0.2)
+    assert_prefixes(out, expected)
+    assert any(n.endswith("_valid") for n in expected) and any(n.endswith("_train") for n in expected)
+
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["layout_hash"] == layout.layout_hash and m["kind"] == "audio" and m["samples_read"] == 120
+    assert m["skips"] == {} and m["shards"] == {"total": 3, "bad": []}
+    long = [s for s in samples if len(s["codes.npy"]) > layout.max_codes_per_audio_document(SEQ)]
+    assert long and sum(e["split_samples"] for e in m["datasets"].values()) == len(long)
+    for name, entry in m["datasets"].items():
+        for split in speech.SPLITS:
+            docs = expected.get(f"{name}_{split}", [])
+            assert entry[split]["documents"] == len(docs)
+            assert entry[split]["tokens"] == sum(len(x) for x in docs)
+            assert entry[split]["hours"] == round(entry[split]["codes"] / 50 / 3600, 6)
+            assert all(len(x) <= SEQ for x in docs)
+    assert m["totals"]["codes"] == sum(len(s["codes.npy"]) for s in samples)
+    if tags:
+        assert all(doc[0] == layout.lang_id("hi") for doc in read_prefix(out / "audio_hi_train"))
+
+
+def test_gpt_dataset_reads_the_documents(local_shards, expanded_tiny_dir, tmp_path):
+    """Megatron's GPTDataset over a built prefix yields exactly windows of the documents."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.tokenizers import MegatronTokenizerBase
+
+    layout = TokenLayout.load(expanded_tiny_dir)
+
+    class Tok(MegatronTokenizerBase):  # GPTDataset needs eod, pad and vocab_size only
+        vocab_size, eod, pad = tl.VOCAB_SIZE, tl.EOD_ID, layout.pad_id
+        unique_identifiers = {"class": "Tok", "vocab_size": tl.VOCAB_SIZE}
+
+        def __init__(self):
+            super().__init__("", {})
+
+        tokenize = detokenize = vocab = apply_chat_template = lambda self, *a: None
+
+    d, samples = local_shards
+    out = tmp_path / "out"
+    speech.build(str(d), expanded_tiny_dir, out, "audio", seq_length=SEQ, valid_fraction=0.0, progress=False)
+    prefix = str(out / "audio_hi_train")
+    docs = expected_audio(layout, samples, SEQ, 0.0)["audio_hi_train"]
+    n_tokens = sum(len(x) for x in docs)
+    n_samples = (n_tokens - 1) // SEQ
+    cfg = GPTDatasetConfig(
+        random_seed=1234, sequence_length=SEQ, tokenizer=Tok(), blend=([prefix], None), split="100,0,0",
+        path_to_cache=str(tmp_path / "cache"), reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False,
+    )
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [n_samples, None, None], lambda: True, cfg).build()
+    assert isinstance(train, GPTDataset) and len(train) == n_samples
+    assert sorted(train.document_index.tolist()) == list(range(len(docs)))  # one epoch, every document
+    stream = np.concatenate([docs[i] for i in train.document_index])
+    for i in range(len(train)):
+        k = int(train.shuffle_index[i])
+        window = stream[k * SEQ : k * SEQ + SEQ + 1]
+        s = train[i]
+        np.testing.assert_array_equal(s["tokens"].numpy(), window[:-1])
+        np.testing.assert_array_equal(s["labels"].numpy(), window[1:])
+    assert (stream == tl.EOD_ID).sum() == len(docs)
+
+
+def test_tts_documents_and_dropping(expanded_tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(expanded_tiny_dir)
+    layout = TokenLayout.load(expanded_tiny_dir)
+    rng = np.random.default_rng(1)
+    samples = make_samples(rng, "t", 30, max_codes=60, text=True)
+    samples[3]["json"]["text"] = "I said <|end_of_text|> aloud"  # plain text, not the special id
+    samples[4]["json"]["text"] = "   "
+    write_shard(tmp_path / "tts-000000.tar", samples)
+    out = tmp_path / "out"
+    speech.build(str(tmp_path / "tts-000000.tar"), expanded_tiny_dir, out, "tts", seq_length=SEQ,
+                 valid_fraction=0.0, progress=False)
+    expected: dict[str, list[np.ndarray]] = {}
+    too_long = 0
+    for s in samples:
+        text, lang, codes = s["json"]["text"].strip(), s["json"]["language"], s["codes.npy"]
+        if not text:
+            continue
+        ids = hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if len(codes) > layout.max_codes_per_tts_document(SEQ, len(ids)):
+            too_long += 1
+            continue
+        expected.setdefault(f"tts_{lang}_train", []).append(layout.tts_document(ids, codes, lang))
+    assert too_long > 0
+    assert_prefixes(out, expected)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["skips"] == {"empty_text": 1, "too_long": too_long}
+    assert all(len(x) <= SEQ for docs in expected.values() for x in docs)
+    lang3 = samples[3]["json"]["language"]
+    texts = [layout.decode_document(x).text_ids for x in read_prefix(out / f"tts_{lang3}_train")]
+    assert [hf.decode(t) for t in texts].count("I said <|end_of_text|> aloud") == 1
+    assert not any(tl.EOD_ID in t for t in texts)
+    assert m["settings"]["tokenizer_sha256"]
+
+
+# --- bad input -----------------------------------------------------------------------------------
+def test_bad_samples_and_shards_are_counted_not_written(expanded_tiny_dir, tmp_path):
+    rng = np.random.default_rng(2)
+    good = make_samples(rng, "g", 6, langs=("hi",), max_codes=50, text=True)
+    c = rand_codes(rng, 20)
+    bad = [
+        {"__key__": "b/00", "codes.npy": np.append(c, 65536).astype(np.int32), "json": {"language": "hi", "text": "a"}},
+        {"__key__": "b/01", "codes.npy": np.append(c, -1).astype(np.int64), "json": {"language": "hi", "text": "a"}},
+        {"__key__": "b/02", "codes.npy": c.astype(np.float32), "json": {"language": "hi", "text": "a"}},
+        {"__key__": "b/03", "codes.npy": c.reshape(2, 10), "json": {"language": "hi", "text": "a"}},
+        {"__key__": "b/04", "codes.npy": np.zeros(0, np.int32), "json": {"language": "hi", "text": "a"}},
+        {"__key__": "b/05", "codes.npy": c, "json": {"language": "hi", "text": ""}},
+        {"__key__": "b/06", "codes.npy": c, "json": {"language": "xx", "text": "a"}},
+        {"__key__": "b/07", "codes.npy": c},
+        {"__key__": "b/08", "json": {"language": "hi", "text": "a"}},
+        {"__key__": "b/09", "codes.npy": c, "json": b"{not json"},
+        {"__key__": "b/10", "codes.npy": b"garbage", "json": {"language": "hi", "text": "a"}},
+        {"__key__": "b/11", "codes.npy": c, "json": {"text": "a"}},
+    ]
+    mixed = good[:3] + bad + good[3:]
+    d = tmp_path / "in"
+    d.mkdir()
+    write_shard(d / "a-000000.tar", mixed)
+    # corrupt: a flipped byte in the 9th header (a pax + a file header per member); truncated: cut inside a member, no end marker
+    write_shard(d / "c-000000.tar", good)
+    raw = bytearray((d / "c-000000.tar").read_bytes())
+    headers = [i for i in range(0, len(raw), 512) if raw[i + 257 : i + 262] == b"ustar"]
+    raw[headers[8] + 3] ^= 0xFF
+    (d / "c-000000.tar").write_bytes(bytes(raw))
+    write_shard(d / "t-000000.tar", good)
+    full = (d / "t-000000.tar").read_bytes()
+    (d / "t-000000.tar").write_bytes(full[: len(full) // 2 + 100])
+    (d / "z-000000.tar.gz").write_bytes(b"\x1f\x8b\x08 not gzip at all")
+
+    for kind in ("tts", "audio"):
+        out = tmp_path / f"out-{kind}"
+        speech.build(str(d), expanded_tiny_dir, out, kind, seq_length=SEQ, valid_fraction=0.0, progress=False)
+        m = json.loads((out / "manifest.json").read_text())
+        want = {
+            "codes_range": 2, "codes_dtype": 1, "codes_shape": 1, "codes_empty": 1, "unknown_language": 2,
+            "missing_json": 1, "missing_codes": 1, "bad_json": 1, "bad_npy": 1,
+        }
+        if kind == "tts":
+            want["empty_text"] = 1
+        assert m["skips"] == want
+        bad_shards = {Path(b["shard"]).name: b for b in m["shards"]["bad"]}
+        assert sorted(bad_shards) == ["c-000000.tar", "t-000000.tar", "z-000000.tar.gz"]
+        assert all(b["error"].startswith("corrupt") for b in bad_shards.values())
+        assert "checksum" in bad_shards["c-000000.tar"]["error"]
+        # the corrupt shard keeps sample 0 (sample 1 may be incomplete when header 8, the first of
+        # sample 2, is bad: it is dropped); the truncated one keeps its complete samples
+        assert bad_shards["c-000000.tar"]["samples_read"] == 1
+        docs = read_prefix(out / f"{kind}_hi_train")
+        n_good = len(good) + 1 + bad_shards["t-000000.tar"]["samples_read"] + (kind == "audio")  # b/05: audio needs no text
+        assert len(docs) == n_good
+        for doc in docs:  # every written document decodes under the layout
+            dec = TokenLayout().decode_document(doc)
+            assert dec.kind == kind and len(dec.codes) > 0
+
+
+def test_refuses_model_dir_without_valid_layout(local_shards, expanded_tiny_dir, tmp_path):
+    d, _ = local_shards
+    with pytest.raises(speech.SpeechDataError, match="token_layout.json"):
+        speech.build(str(d), tmp_path, tmp_path / "o1", "audio", progress=False)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    lay = json.loads((expanded_tiny_dir / tl.LAYOUT_FILE).read_text())
+    lay["layout_hash"] = "0" * 64
+    (bad / tl.LAYOUT_FILE).write_text(json.dumps(lay))
+    with pytest.raises(speech.SpeechDataError, match="hash mismatch"):
+        speech.build(str(d), bad, tmp_path / "o2", "audio", progress=False)
+    # a second run into the same dir with other settings is refused, not mixed
+    speech.build(str(d), expanded_tiny_dir, tmp_path / "o3", "audio", seq_length=SEQ, progress=False)
+    with pytest.raises(speech.SpeechDataError, match="other settings"):
+        speech.build(str(d), expanded_tiny_dir, tmp_path / "o3", "audio", seq_length=SEQ * 2, progress=False)
+
+
+# --- tar reading ---------------------------------------------------------------------------------
+def test_tar_reader_matches_webdataset(tmp_path):
+    import gzip
+
+    rng = np.random.default_rng(3)
+    samples = make_samples(rng, "x" * 120 + "/deep", 5)  # names longer than the 100-byte field
+    samples.append({"__key__": "odd.key", "codes.npy": rand_codes(rng, 3), "TXT": "upper-case extension"})
+    write_shard(tmp_path / "a.tar", samples)
+    (tmp_path / "a.tar.gz").write_bytes(gzip.compress((tmp_path / "a.tar").read_bytes()))
+    ref = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+           for s in wds.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False)]
+    for name in ("a.tar", "a.tar.gz"):
+        with shards_mod.open_shard(str(tmp_path / name)) as f:
+            ours = list(shards_mod.iter_samples(f))
+        assert [k for k, _ in ours] == [k for k, _ in ref]
+        for (_, a), (_, b) in zip(ours, ref):
+            assert {k.lower(): v for k, v in b.items()} == a
+    arr = np.arange(12, dtype=">i8").reshape(3, 4, order="F")
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    np.testing.assert_array_equal(speech.parse_npy(buf.getvalue()), arr)
+
+
+# --- S3 ------------------------------------------------------------------------------------------
+def test_s3_stream_with_fault_resumes_and_matches_local(local_shards, expanded_tiny_dir, s3_server, tmp_path,
+                                                         monkeypatch, caplog):
+    import botocore.response
+    from urllib3.exceptions import ProtocolError
+
+    d, _ = local_shards
+    bucket = s3_server.new_bucket()
+    for p in sorted(d.glob("*.tar")):
+        s3_server.upload(bucket, p, f"pt/{p.name}")
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(speech.s3.time, "sleep", lambda s: None)
+
+    local = tmp_path / "local"
+    speech.build(str(d), expanded_tiny_dir, local, "audio", seq_length=SEQ, progress=False)
+
+    # in every shard the connection delivers 50 kB, then breaks (once)
+    real_read = botocore.response.StreamingBody.read
+    state = {"broken": set(), "ranges": []}
+
+    def flaky_read(self, amt=None):
+        key = getattr(self, "_test_key", None)
+        if key is None or key in state["broken"]:
+            return real_read(self, amt)
+        if not getattr(self, "_test_started", False):
+            self._test_started = True
+            return real_read(self, 50_000)
+        state["broken"].add(key)
+        raise ProtocolError("Connection broken: IncompleteRead (injected)")
+
+    orig_make = speech.s3.make_client
+
+    def tagging_client(settings=None):
+        client = orig_make(settings)
+        orig_get = client.get_object
+
+        def get_object(**kw):
+            resp = orig_get(**kw)
+            resp["Body"]._test_key = kw["Key"]
+            if "Range" in kw:
+                state["ranges"].append((kw["Key"], kw["Range"], resp["ResponseMetadata"]["HTTPStatusCode"]))
+            return resp
+
+        client.get_object = get_object
+        return client
+
+    monkeypatch.setattr(speech.s3, "make_client", tagging_client)
+    monkeypatch.setattr(botocore.response.StreamingBody, "read", flaky_read)
+
+    out = tmp_path / "s3"
+    with caplog.at_level(logging.WARNING, logger="speechlm.s3"):
+        summary = speech.build(f"s3://{bucket}/pt/shard-{{000000..000002}}.tar", expanded_tiny_dir, out, "audio",
+                               seq_length=SEQ, progress=False)
+    assert not summary["failed"]
+    assert len(state["ranges"]) == 3 and all(status == 206 for _, _, status in state["ranges"])
+    assert all(r == "bytes=50000-" for _, r, _ in state["ranges"])
+    assert "resuming" in caplog.text and "testing" not in caplog.text  # never a key in the logs
+    a, b = output_bytes(local), output_bytes(out)
+    assert [k for k in a if k != "manifest.json"] == [k for k in b if k != "manifest.json"]
+    for k in a:
+        if k != "manifest.json":
+            assert a[k] == b[k], k
+    ma, mb = json.loads(a["manifest.json"]), json.loads(b["manifest.json"])
+    assert ma["datasets"] == mb["datasets"] and ma["totals"] == mb["totals"]
+
+    # a prefix spec lists the bucket; a missing object is recorded, not fatal
+    out2 = tmp_path / "s3-prefix"
+    speech.build([f"s3://{bucket}/pt/", f"s3://{bucket}/pt/missing-000009.tar"], expanded_tiny_dir, out2,
+                 "audio", seq_length=SEQ, progress=False)
+    m2 = json.loads((out2 / "manifest.json").read_text())
+    assert m2["shards"]["total"] == 4 and [b["error"][:7] for b in m2["shards"]["bad"]] == ["missing"]
+    assert m2["datasets"] == ma["datasets"]
+
+
+# --- resumability and parallelism ------------------------------------------------------------------
+def test_kill_and_rerun_gives_identical_bytes(local_shards, expanded_tiny_dir, tmp_path, monkeypatch):
+    d, _ = local_shards
+    ref = tmp_path / "ref"
+    speech.build(str(d), expanded_tiny_dir, ref, "audio", seq_length=SEQ, valid_fraction=0.2, progress=False)
+
+    out = tmp_path / "killed"
+    real_finalize = speech._ShardWriter.finalize
+    calls = {"n": 0}
+
+    def dying_finalize(self):
+        calls["n"] += 1
+        names = real_finalize(self)
+        if calls["n"] == 2:  # "killed" after the 2nd shard's files are written, before its rename
+            raise KeyboardInterrupt
+        return names
+
+    with monkeypatch.context() as mp:
+        mp.setattr(speech._ShardWriter, "finalize", dying_finalize)
+        mp.setattr(speech.shutil, "rmtree", lambda *a, **k: None)  # SIGKILL cleans nothing up
+        with pytest.raises(KeyboardInterrupt):
+            speech.build(str(d), expanded_tiny_dir, out, "audio", seq_length=SEQ, valid_fraction=0.2, progress=False)
+    parts = out / speech.PARTIALS
+    assert len([p for p in parts.iterdir() if not p.name.startswith(".")]) == 1
+    assert any(p.name.startswith(".tmp-") for p in parts.iterdir())  # the dead task's leftovers
+    (out / ".audio_hi_train.tmp.bin").write_bytes(b"half a merge")  # and a killed merge's
+
+    done_before = {p.name: p.stat().st_mtime_ns for p in parts.iterdir() if not p.name.startswith(".")}
+    speech.build(str(d), expanded_tiny_dir, out, "audio", seq_length=SEQ, valid_fraction=0.2, progress=False)
+    for name, mtime in done_before.items():  # the finished shard was not redone
+        assert (parts / name).stat().st_mtime_ns == mtime
+    assert not any(p.name.startswith(".tmp-") for p in parts.iterdir())
+    assert output_bytes(out) == output_bytes(ref)
+
+
+def test_task_counts_give_identical_bytes(local_shards, expanded_tiny_dir, tmp_path, capsys):
+    d, _ = local_shards
+    one = tmp_path / "one"
+    speech.build(str(d), expanded_tiny_dir, one, "audio", seq_length=SEQ, valid_fraction=0.2, progress=False)
+    three = tmp_path / "three"
+    cli = load_cli("build_speech")
+    for i in (2, 0, 1):  # any order
+        rc = cli.main(["--input", str(d), "--model", str(expanded_tiny_dir), "--output", str(three), "--kind", "audio",
+                       "--seq-length", str(SEQ), "--valid-fraction", "0.2", "--num-tasks", "3", "--task-index", str(i),
+                       "--quiet"])
+        assert rc == 0
+        if i != 1:
+            assert load_cli("merge_speech").main(["--output", str(three), "--quiet"]) == 2  # not all done yet
+    assert not (three / "manifest.json").exists()
+    assert load_cli("merge_speech").main(["--output", str(three), "--quiet"]) == 0
+    assert output_bytes(three) == output_bytes(one)
+    assert speech.task_shards([f"s{i}" for i in range(7)], 3, 1) == ["s1", "s4"]
+
+    # inspect shows what the model reads
+    capsys.readouterr()
+    assert load_cli("inspect").main([str(three / "audio_ta_train"), "--n", "2", "--model", str(expanded_tiny_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert "audio lang=- tokens=" in shown and "codes:" in shown
+
+
+def test_inspect_detokenizes_tts(expanded_tiny_dir, tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    samples = make_samples(rng, "t", 4, langs=("hi",), max_codes=20, text=True)
+    write_shard(tmp_path / "t.tar", samples)
+    speech.build(str(tmp_path / "t.tar"), expanded_tiny_dir, tmp_path / "o", "tts", seq_length=SEQ,
+                 valid_fraction=0.0, progress=False)
+    capsys.readouterr()
+    assert load_cli("inspect").main([str(tmp_path / "o" / "tts_hi_train"), "--model", str(expanded_tiny_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert f"text: {samples[1]['json']['text']!r}" in shown
+
+
+def test_cli_help():
+    for name in ("build_speech", "merge_speech", "inspect"):
+        r = subprocess.run([sys.executable, str(REPO / "data_prep" / f"{name}.py"), "--help"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
