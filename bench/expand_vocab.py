@@ -5,11 +5,15 @@ Builds a random bf16 model with Llama-3.2-1B's shapes (1.24 B parameters, tied 1
 embedding) and the real Llama-3 tokenizer in a temporary directory (nothing is downloaded), then
 times, each in its own subprocess so the memory peaks do not mix:
   1. speechlm.vocab_expansion.expand_vocab (what conversion/expand_vocab.py runs),
-  2. transformers' from_pretrained + resize_token_embeddings(193792) + save_pretrained,
+  2. transformers' from_pretrained + resize_token_embeddings(193792) + save_pretrained, with the
+     default mean_resizing=True (stopped after --baseline-timeout seconds: its 2,048-dim
+     MultivariateNormal sampling runs one matrix-vector product per row, ~0.1 s a row on this
+     2-core CPU) and with mean_resizing=False (normal init with initializer_range),
   3. AutoTokenizer load of the original and of the expanded tokenizer.
-Prints wall time and peak RSS (the process's high-water mark, ru_maxrss) for each.
+Prints wall time and peak RSS (the process's high-water mark: ru_maxrss, or VmHWM for a child
+stopped at the timeout) for each.
 
-    .venv/bin/python bench/expand_vocab.py [--workdir DIR] [--keep]
+    .venv/bin/python bench/expand_vocab.py [--workdir DIR] [--keep] [--baseline-timeout S]
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ from speechlm.vocab_expansion import expand_vocab
 s = expand_vocab(SRC, OUT + '-ours')
 print(s.format())
 """,
-    "resize_token_embeddings (transformers)": """
+    "resize_token_embeddings, mean_resizing=False": """
 import time; t0 = time.perf_counter()
 import torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16)
-m.resize_token_embeddings(193792)  # default mean_resizing=True
-m.save_pretrained(OUT + '-resize')
+print(f'loaded in {time.perf_counter() - t0:.1f} s', flush=True)
+m.resize_token_embeddings(193792, mean_resizing=False)
+m.save_pretrained(OUT + '-resize-plain')
 """,
     "AutoTokenizer load, original": """
 import time; t0 = time.perf_counter()
@@ -49,6 +54,15 @@ t1 = time.perf_counter(); tok = AutoTokenizer.from_pretrained(SRC); print(f'load
 import time; t0 = time.perf_counter()
 from transformers import AutoTokenizer
 t1 = time.perf_counter(); tok = AutoTokenizer.from_pretrained(OUT + '-ours'); print(f'load {time.perf_counter() - t1:.2f} s, {len(tok)} tokens')
+""",
+    "resize_token_embeddings, mean_resizing=True": """
+import time; t0 = time.perf_counter()
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16)
+print(f'loaded in {time.perf_counter() - t0:.1f} s', flush=True)
+m.resize_token_embeddings(193792)  # the default, mean_resizing=True
+m.save_pretrained(OUT + '-resize')
 """,
 }
 
@@ -78,14 +92,30 @@ def make_llama32_1b(out: Path) -> int:
     return sum(t.numel() for t in tensors.values())
 
 
-def run_child(code: str, src: Path, out: Path) -> dict:
+def _vm_hwm_gib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def run_child(code: str, src: Path, out: Path, timeout: float | None = None) -> dict:
+    """Run one measurement in a fresh interpreter; stop it after `timeout` seconds."""
     prog = f"SRC, OUT = {str(src)!r}, {str(out)!r}\n{code}\n{_REPORT}"
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        hwm = _vm_hwm_gib(proc.pid)
+        proc.kill()
+        stdout, _ = proc.communicate()
+        return {"seconds": float("nan"), "process_seconds": time.perf_counter() - t0, "peak_rss_gib": hwm,
+                "log": stdout.strip() + f"\nSTOPPED after {timeout:.0f} s, unfinished (peak RSS so far)"}
     wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"child failed:\n{r.stderr[-3000:]}")
-    lines = r.stdout.strip().splitlines()
+    if proc.returncode != 0:
+        raise RuntimeError(f"child failed:\n{stderr[-3000:]}")
+    lines = stdout.strip().splitlines()
     result = json.loads(next(line for line in lines if line.startswith("RESULT"))[7:])
     result["process_seconds"] = wall
     result["log"] = "\n".join(line for line in lines if not line.startswith("RESULT"))
@@ -96,6 +126,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, help="where to build the models (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--baseline-timeout", type=float, default=300, metavar="S",
+                   help="stop the mean_resizing=True baseline after S seconds (default 300)")
     args = p.parse_args()
     tmp = tempfile.TemporaryDirectory(dir=args.workdir, delete=not args.keep)
     src, out = Path(tmp.name) / "llama32-1b-random", Path(tmp.name) / "expanded"
@@ -104,13 +136,14 @@ def main() -> int:
     print(f"built a random Llama-3.2-1B-shaped bf16 model: {n / 1e9:.3f} B parameters in {time.perf_counter() - t0:.0f} s ({src})")
     import os
 
-    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}")
     print(f"{'what':42s} {'work s':>8s} {'process s':>10s} {'peak RSS GiB':>13s}")
     for name, code in CHILDREN.items():
-        r = run_child(code, src, out)
+        r = run_child(code, src, out, timeout=args.baseline_timeout if "mean_resizing=True" in name else None)
         print(f"{name:42s} {r['seconds']:8.1f} {r['process_seconds']:10.1f} {r['peak_rss_gib']:13.2f}")
         for line in r["log"].splitlines():
             print(f"    {line}")
+        print(f"    (load average now {os.getloadavg()[0]:.1f})", flush=True)
     if args.keep:
         print(f"kept {tmp.name}")
     return 0

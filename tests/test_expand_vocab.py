@@ -246,3 +246,13 @@ def test_cli_existing_output_and_overwrite(tiny_llama_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "rows added: 65536" in r.stdout and "cov trace" in r.stdout
     assert not (out / "keep.txt").exists() and TokenLayout.load(out) == TokenLayout(language_tags=True)
+
+
+def test_row_statistics_float64_accuracy():
+    # bf16 rows far from the origin: the shifted one-pass covariance must match numpy's centred one.
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(20_000, 32, generator=g, dtype=torch.float64) @ torch.randn(32, 32, generator=g, dtype=torch.float64) * 0.01 + 3.0).to(torch.bfloat16)
+    mean, cov = ve.row_statistics(w, 20_000)
+    x = w.double().numpy()
+    assert np.allclose(mean, x.mean(0), rtol=0, atol=1e-12)
+    assert np.allclose(cov, np.cov(x, rowvar=False), rtol=0, atol=1e-12 * np.abs(cov).max())
