@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Speech datasets from WebDataset shards (data_prep/build_speech.py) as a SLURM array: each
+# element builds its round-robin share of the shards; element 0 submits the merge
+# (data_prep/merge_speech.py) as a job that depends on the whole array (afterok). Without
+# --array one job builds and merges. Reruns skip finished shards.
+#
+#   INPUT='s3://speech/pt/shard-{000000..000999}.tar' MODEL=/models/llama32-1b-speech \
+#   OUTPUT=/data/audio PREP_ARGS='--kind audio' sbatch --array=0-31 slurm/prep_speech.sh [--dry-run]
+#
+# Variables (docs/slurm.md): OUTPUT (required), INPUT, MODEL, PREP_ARGS (more build_speech.py
+# flags; the script's own arguments are appended too), MERGE=no, MERGE_SBATCH_ARGS, PREP_MODE,
+# PYTHON, CONTAINER_IMAGE, CONTAINER_MOUNTS, CONTAINER_WORKDIR, SRUN_ARGS, DRY_RUN, REPO.
+#SBATCH --job-name=speechlm-prep-speech
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=08:00:00
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+# sbatch runs a spooled copy of this file: find the checkout through REPO or the submit dir.
+repo=${REPO:-${SLURM_SUBMIT_DIR:-}}
+[[ -n $repo && -f $repo/slurm/common.sh ]] || repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=slurm/common.sh
+source "$repo/slurm/common.sh"
+REPO=${REPO:-$repo}
+
+PREP_SCRIPT=prep_speech.sh
+prep_main data_prep/build_speech.py data_prep/merge_speech.py "$@"
