@@ -8,7 +8,8 @@ A recipe has two kinds of top-level keys: Bridge's own ConfigContainer sections 
 Bridge's `_pretrain_common()` defaults exactly as Bridge's own YAML overrides are, and one
 `speechlm` section for what Bridge has no field for (model directory, blend file, run length in
 tokens, warm-up as a fraction, checkpoint schedule and retention). A recipe may name a `base`
-recipe and state only what differs from it.
+recipe and state only what differs from it. `speechlm.mode: sft` makes the run a text-to-speech
+fine-tuning (speechlm.sft, docs/sft.md): packed TTS pairs, loss on speech only, Bridge's finetune().
 """
 
 from __future__ import annotations
@@ -118,11 +119,26 @@ def build_config(recipe: DictConfig, world_size: int):
         cfg.model.bf16 = cfg.model.fp16 = False
         cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
 
-    blend = _apply_blend(cfg, ours, hf_model)
+    sft_mode = _mode(ours) == "sft"
+    if sft_mode:  # SFT (speechlm.sft): the TTS pairs of the blend, packed, loss on speech only
+        from speechlm import sft
+
+        blend = sft.select_data(cfg, ours, hf_model)
+    else:
+        blend = _apply_blend(cfg, ours, hf_model)
     plan = _plan(cfg, ours, world_size)
     _check(cfg, plan, hf_model, blend)
+    if sft_mode:
+        sft.warn(sft.finish_config(cfg, ours, hf_model, blend))
     _set_policy(cfg, ours, recipe, hf_model, blend)
     return cfg, plan, blend
+
+
+def _mode(ours: dict) -> str:
+    mode = ours.get("mode") or "pretrain"
+    if mode not in ("pretrain", "sft"):
+        raise RecipeError(f"{OUR_SECTION}.mode must be pretrain or sft, got {mode!r}")
+    return mode
 
 
 def _apply_blend(cfg, ours: dict, hf_model: str):
@@ -251,7 +267,11 @@ def print_dry_run(recipe: DictConfig, cfg, plan: Plan, blend) -> None:
           f"run tokens {plan.train_tokens:,}")
     print(f"LR peak {cfg.optimizer.lr:g} -> min {cfg.optimizer.min_lr:g} ({cfg.scheduler.lr_decay_style}); "
           f"checkpoints: schedule {checkpoints.POLICY['schedule'] or cfg.checkpoint.save_interval}, keep last {checkpoints.POLICY['keep_last']}")
-    if blend is not None:
+    if _mode(OmegaConf.to_container(recipe.get(OUR_SECTION) or {})) == "sft":
+        from speechlm import sft
+
+        print(sft.describe(cfg))
+    elif blend is not None:
         print("planned epochs of each dataset over this run:")
         weights = dict(zip(blend.train_prefixes, blend.train_weights))
         for row in blend.datasets:
@@ -307,6 +327,16 @@ def main(argv: list[str] | None = None) -> None:
 
     peak = float(OmegaConf.select(recipe, f"{OUR_SECTION}.peak_tflops_per_gpu", default=989.0))
     callbacks = [ThroughputMetrics(peak, plan.world_size)]
+    if _mode(OmegaConf.to_container(recipe.get(OUR_SECTION) or {})) == "sft":
+        # Bridge's finetune() is pretrain() that refuses to start without weights to load; its
+        # plain GPT step reads our packed batches (THD metadata or attention mask) as they are.
+        from megatron.bridge.training import gpt_step
+        from megatron.bridge.training.finetune import finetune
+
+        from speechlm import sft
+
+        finetune(cfg, gpt_step.forward_step, callbacks=callbacks + sft.callbacks(blend, gpt_step.forward_step))
+        return
     if blend and blend.validation:
         callbacks.append(PerSetValidation(blend.validation, forward_step))
     pretrain(cfg, forward_step, callbacks=callbacks)
