@@ -7,6 +7,7 @@ Thin command-line entry point; the logic is in speechlm.conversion.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -49,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, LayoutMismatchError, FileNotFoundError) as e:
         print(f"hf_to_megatron: error: {e}", file=sys.stderr)
         return 2
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
         print(summary.format())
     return 0
 

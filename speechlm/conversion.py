@@ -21,7 +21,8 @@ produces such a checkpoint on import (Bridge fills the extra rows with zeros); t
 padded size from the checkpoint's run config and drops the rows past 193,792.
 
 Every function here that builds a Megatron model is collective: under torchrun all ranks call it.
-Import `speechlm.megatron_env` (done below) before anything from megatron.bridge.
+Megatron is imported only inside those functions (after `speechlm.megatron_env`, which must come
+before any megatron.bridge import): the checks of inputs and token layouts run, and fail, fast.
 """
 
 from __future__ import annotations
@@ -35,12 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from speechlm import megatron_env
+import torch
+import torch.distributed as dist
+
 from speechlm import token_layout as tl
 from speechlm.token_layout import LayoutMismatchError, TokenLayout
-
-import torch  # noqa: E402  (after the CPU mode)
-import torch.distributed as dist  # noqa: E402
 
 HF_SUBDIR = "hf"
 SUMMARY_FILE = "conversion.json"
@@ -126,12 +126,19 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _megatron_env():
+    from speechlm import megatron_env  # CPU mode, before any megatron.bridge import
+
+    return megatron_env
+
+
 def _init_distributed(tp: int, pp: int) -> bool:
     """torch.distributed + Megatron's model-parallel groups; True if this call created them.
 
     A plain `python` process becomes a world of one; under torchrun the world must be TP x PP
     (a conversion has no use for data parallelism).
     """
+    megatron_env = _megatron_env()
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -253,7 +260,7 @@ def hf_to_megatron(
         dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
         bridge = AutoBridge.from_hf_pretrained(src, torch_dtype=getattr(torch, dtype))
         provider = bridge.to_megatron_provider(load_weights=True)
-        megatron_env.adapt_provider(provider)
+        _megatron_env().adapt_provider(provider)
         provider.tensor_model_parallel_size = tp
         provider.pipeline_model_parallel_size = pp
         if vocab_divisible_by:
@@ -332,6 +339,12 @@ def _run_config(iter_dir: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
+def _provenance(iter_dir: Path) -> dict:
+    """speechlm.train's provenance.json of a training checkpoint ({} for other checkpoints)."""
+    path = iter_dir / "provenance.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def find_hf_source(root: Path, iter_dir: Path, hf_source: str | Path | None = None) -> Path:
     """The HF directory (config, tokenizer, token_layout.json) an export takes its metadata from.
 
@@ -346,7 +359,9 @@ def find_hf_source(root: Path, iter_dir: Path, hf_source: str | Path | None = No
     pretrained = (run.get("checkpoint") or {}).get("pretrained_checkpoint")
     if pretrained:
         candidates.append(Path(pretrained) / HF_SUBDIR)
-    for value in ((run.get("model") or {}).get("hf_model_id"), (run.get("tokenizer") or {}).get("tokenizer_model")):
+    recipe = _provenance(iter_dir).get("recipe") or {}
+    for value in ((recipe.get("speechlm") or {}).get("hf_model"), (run.get("model") or {}).get("hf_model_id"),
+                  (run.get("tokenizer") or {}).get("tokenizer_model")):
         if value:
             candidates.append(Path(value))
     for c in candidates:
@@ -369,6 +384,12 @@ def check_checkpoint_layout(root: Path, iter_dir: Path, hf_source: Path) -> Toke
         recorded.append(Path(pretrained) / tl.LAYOUT_FILE)
     for r in recorded:
         _check_recorded_layout(layout, layout_path, r)
+    trained_with = _provenance(iter_dir).get("layout_hash")  # what speechlm.train recorded
+    if trained_with and trained_with != layout.layout_hash:
+        raise LayoutMismatchError(
+            f"the checkpoint was trained with token layout {trained_with} ({iter_dir / 'provenance.json'}), "
+            f"but the tokenizer/model's token layout is {layout.layout_hash} ({layout_path})"
+        )
     bridge_tokenizer = iter_dir / "tokenizer"  # Bridge's copy of the training tokenizer
     if (bridge_tokenizer / "tokenizer.json").is_file():
         try:
@@ -399,6 +420,7 @@ def load_megatron_for_export(iter_dir: Path):
     a checkpoint padded for TP 4/8 would then not load. Keeping `make_vocab_size_divisible_by x TP`
     keeps the saved row count.
     """
+    _megatron_env()
     from megatron.bridge.training.model_load_save import build_and_load_model, load_model_config
 
     cfg, _ = load_model_config(str(iter_dir))
@@ -415,7 +437,7 @@ def load_megatron_for_export(iter_dir: Path):
             setattr(cfg, name, value)
     # A checkpoint written on a GPU (TE spec) exports on a CPU machine too: the local spec maps its
     # state-dict keys to TE's, so the same checkpoint loads with either.
-    megatron_env.adapt_provider(cfg)
+    _megatron_env().adapt_provider(cfg)
     model = build_and_load_model(str(iter_dir), cfg, use_cpu_init=True, skip_temp_dist_context=True)
     model = model if isinstance(model, list) else [model]
     return model, cfg, padded
