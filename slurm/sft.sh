@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Text-to-speech fine-tuning (SFT) on 8-GPU nodes: one task per GPU, resumes from its checkpoint, requeues
-# itself before the time limit. Every #SBATCH line can be overridden on the sbatch command line.
+# Text-to-speech fine-tuning (SFT) on 8-GPU nodes: the same launcher as pretrain.sh (one task
+# per GPU, resumes from its checkpoint, requeues itself before the time limit) with the SFT
+# recipe. No SFT recipe is in the repo yet: set RECIPE (and TRAIN_MODULE if SFT gets its own
+# entry point). Every #SBATCH line can be overridden on the sbatch command line.
 #
-#   HF_MODEL=/models/llama32-1b-speech BLEND=/data/tts-blend.yaml PRETRAINED_CHECKPOINT=/ckpt/pt-1b CKPT_DIR=/ckpt/sft-1b \
+#   RECIPE=recipes/sft.yaml HF_MODEL=/models/llama32-1b-speech BLEND=/data/tts-blend.yaml \
+#   PRETRAINED_CHECKPOINT=/ckpt/pt-1b CKPT_DIR=/ckpt/sft-1b \
 #   CONTAINER_IMAGE=/images/speechlm.sqsh CONTAINER_MOUNTS=/lustre:/lustre \
-#       sbatch --nodes=2 slurm/pretrain.sh [--dry-run] [key=value ...]
+#       sbatch --nodes=2 slurm/sft.sh [--dry-run] [key=value ...]
 #
 # Variables (docs/slurm.md): RECIPE (recipes/sft_llama32_1b.yaml), HF_MODEL, BLEND,
 # CKPT_DIR, PRETRAINED_CHECKPOINT, OVERRIDES, TRAIN_MODULE, PYTHON, CONTAINER_IMAGE,
