@@ -27,7 +27,10 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # tokenizers: one core, for a p
 import numpy as np
 
 
-def make_shards(root: Path, segments: int, per_shard: int, mean_codes: int, dtype: str, seed: int = 0) -> list[str]:
+def make_shards(root: Path, segments: int, per_shard: int, mean_codes: int, dtype: str, seed: int = 0,
+                mixed: bool = False) -> list[str]:
+    """Shards of random segments: one language per shard (how speech corpora usually come), or
+    all 12 languages mixed in every shard (24 output prefixes per shard instead of 2)."""
     import webdataset as wds
 
     from speechlm.token_layout import LANGUAGES
@@ -42,7 +45,8 @@ def make_shards(root: Path, segments: int, per_shard: int, mean_codes: int, dtyp
                 n = int(rng.integers(mean_codes // 2, mean_codes * 3 // 2 + 1))
                 codes = rng.integers(0, 65536, n).astype(dtype)
                 text = " ".join(rng.choice(words, int(rng.integers(5, 25))))
-                meta = {"text": text, "language": LANGUAGES[i % len(LANGUAGES)], "duration": n / 50}
+                lang = LANGUAGES[(i if mixed else i // per_shard) % len(LANGUAGES)]
+                meta = {"text": text, "language": lang, "duration": n / 50}
                 tw.write({"__key__": f"seg{i:08d}", "codes.npy": codes, "json": meta})
         paths.append(str(path))
     return paths
@@ -60,6 +64,7 @@ def main() -> None:
     ap.add_argument("--per-shard", type=int, default=2_000)
     ap.add_argument("--mean-codes", type=int, default=1_250)
     ap.add_argument("--dtype", default="int32", help="dtype of codes.npy in the generated shards")
+    ap.add_argument("--mixed", action="store_true", help="every language in every shard (default: one per shard)")
     ap.add_argument("--kind", choices=("audio", "tts"), default="audio")
     ap.add_argument("--model", help="expanded model dir (needed for --kind tts; audio uses a bare layout)")
     ap.add_argument("--repeat", type=int, default=2, help="take the best of this many runs of each loop")
@@ -74,10 +79,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         (tmp / "shards").mkdir()
-        _, gen_s, _ = timed(lambda: make_shards(tmp / "shards", args.segments, args.per_shard, args.mean_codes, args.dtype))
+        _, gen_s, _ = timed(lambda: make_shards(tmp / "shards", args.segments, args.per_shard, args.mean_codes, args.dtype,
+                                                 mixed=args.mixed))
         shards = sorted(str(p) for p in (tmp / "shards").glob("*.tar"))
         size = sum(os.path.getsize(p) for p in shards)
-        print(f"{args.segments} segments, ~{args.mean_codes} {args.dtype} codes each, {len(shards)} shards, "
+        print(f"{args.segments} segments, ~{args.mean_codes} {args.dtype} codes each, {len(shards)} shards "
+              f"({'all languages in each' if args.mixed else 'one language each'}), "
               f"{size / 2**20:.0f} MiB (generated in {gen_s:.1f} s)")
         model = args.model
         if model is None:

@@ -24,7 +24,9 @@ from speechlm import s3
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _BLOCK = 512
-_READ_SIZE = 4 << 20  # bytes per read() from the shard stream
+# bytes per read() from the shard stream. Small on purpose: a multi-MB bytes object is a fresh
+# mmap whose pages fault on every refill (measured: 48 k samples/s at 4 MiB, 83 k at 64 KiB).
+_READ_SIZE = 64 << 10
 
 
 class CorruptShardError(ValueError):
