@@ -206,6 +206,8 @@ def test_tts_documents_and_dropping(expanded_tiny_dir, tmp_path):
     assert_prefixes(out, expected)
     m = json.loads((out / "manifest.json").read_text())
     assert m["skips"] == {"empty_text": 1, "too_long": too_long}
+    for name, entry in m["datasets"].items():  # declared durations of the written samples only
+        assert entry["declared_hours"] == pytest.approx(entry["train"]["codes"] / 50 / 3600, abs=1e-6)
     assert all(len(x) <= SEQ for docs in expected.values() for x in docs)
     lang3 = samples[3]["json"]["language"]
     texts = [layout.decode_document(x).text_ids for x in read_prefix(out / f"tts_{lang3}_train")]

@@ -248,7 +248,7 @@ class _ShardWriter:
             s = self.ds(language)["skips"]
             s[reason] = s.get(reason, 0) + 1
 
-    def write(self, language: str, split: str, flat: np.ndarray, lengths: list[int], samples: int, codes: int) -> None:
+    def write(self, language: str, split: str, flat: np.ndarray, lengths: list[int], counts: list) -> None:
         """Append documents (concatenated in `flat`, one length each) to a prefix.
 
         Same bytes as one `add_document(doc, [len(doc)])` per document, in one write: per-document
@@ -262,9 +262,11 @@ class _ShardWriter:
         n = len(b.sequence_lengths)
         b.sequence_lengths.extend(lengths)
         b.document_indices.extend(range(n + 1, n + 1 + len(lengths)))
-        sp = self.ds(language)[split]
-        sp["samples"] += samples
-        sp["codes"] += codes
+        ds = self.ds(language)
+        sp = ds[split]
+        sp["samples"] += counts[0]
+        sp["codes"] += counts[1]
+        ds["declared_seconds"] += counts[2]
         sp["documents"] += len(lengths)
         sp["tokens"] += int(flat.size)
 
@@ -281,6 +283,7 @@ class _Pending:
     split: str
     codes: np.ndarray
     text: str
+    duration: float  # declared in the JSON (0 if none): summed as declared_hours of what is written
 
 
 class ShardProcessor:
@@ -340,10 +343,10 @@ class ShardProcessor:
                 return w.skip("empty_text", language)
             text = text.strip()
         duration = meta.get(sch.duration_field)
-        if isinstance(duration, (int, float)) and not isinstance(duration, bool):
-            w.ds(language)["declared_seconds"] += float(duration)
+        if not isinstance(duration, (int, float)) or isinstance(duration, bool):
+            duration = 0.0
         split = "valid" if is_valid_key(key, st.valid_fraction) else "train"
-        return _Pending(key, language, split, codes, text)
+        return _Pending(key, language, split, codes, text, float(duration))
 
     def _audio_frame(self, language: str) -> tuple[np.ndarray, np.ndarray]:
         """The tokens of an audio document before and after its codes, taken from the layout."""
@@ -362,11 +365,11 @@ class ShardProcessor:
         layout, seq, cap = self.layout, self.settings.seq_length, self._audio_cap
         pieces = [layout.split_audio_codes(p.codes, seq) if len(p.codes) > cap else [p.codes] for p in batch]
         ids = tl.codes_to_ids(np.concatenate([c for ps in pieces for c in ps]))
-        groups: dict[tuple[str, str], tuple[list[np.ndarray], list[int], list[int]]] = {}
+        groups: dict[tuple[str, str], tuple[list[np.ndarray], list[int], list]] = {}  # parts, lengths, counts
         o = 0
         for p, ps in zip(batch, pieces):
             head, tail = self._audio_frame(p.language)
-            parts, lengths, counts = groups.setdefault((p.language, p.split), ([], [], [0, 0]))
+            parts, lengths, counts = groups.setdefault((p.language, p.split), ([], [], [0, 0, 0.0]))
             for c in ps:
                 n = len(c)
                 parts += (head, ids[o : o + n], tail)
@@ -374,14 +377,15 @@ class ShardProcessor:
                 o += n
             counts[0] += 1
             counts[1] += len(p.codes)
+            counts[2] += p.duration
             if len(ps) > 1:
                 w.ds(p.language)["split_samples"] += 1
         p0 = batch[0]
         first = np.concatenate(groups[(p0.language, p0.split)][0][:3])
         if not np.array_equal(first, layout.audio_document(pieces[0][0], p0.language)):
             raise AssertionError("audio document frame differs from token_layout.audio_document")
-        for (language, split), (parts, lengths, (samples, codes)) in groups.items():
-            w.write(language, split, np.concatenate(parts), lengths, samples, codes)
+        for (language, split), (parts, lengths, counts) in groups.items():
+            w.write(language, split, np.concatenate(parts), lengths, counts)
 
     def _tts_frame(self, language: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(BOS [tag], <|speech_start|>, <|speech_end|> EOD) of a TTS document, from the layout."""
@@ -428,23 +432,24 @@ class ShardProcessor:
             if not items:
                 return
         code_ids = tl.codes_to_ids(np.concatenate([p.codes for p, _ in items]))
-        groups: dict[tuple[str, str], tuple[list[Any], list[int], list[int]]] = {}
+        groups: dict[tuple[str, str], tuple[list[Any], list[int], list]] = {}
         o = 0
         for p, ids in items:
             head, start, tail = self._tts_frame(p.language)
-            parts, lengths, counts = groups.setdefault((p.language, p.split), ([], [], [0, 0]))
+            parts, lengths, counts = groups.setdefault((p.language, p.split), ([], [], [0, 0, 0.0]))
             n = len(p.codes)
             parts += (head, np.array(ids, np.int32), start, code_ids[o : o + n], tail)
             lengths.append(len(head) + len(ids) + 1 + n + len(tail))
             o += n
             counts[0] += 1
             counts[1] += n
+            counts[2] += p.duration
         p0, ids0 = items[0]
         first = np.concatenate(groups[(p0.language, p0.split)][0][:5])
         if not np.array_equal(first, layout.tts_document(ids0, p0.codes, p0.language)):
             raise AssertionError("tts document frame differs from token_layout.tts_document")
-        for (language, split), (parts, lengths, (samples, codes)) in groups.items():
-            w.write(language, split, np.concatenate(parts), lengths, samples, codes)
+        for (language, split), (parts, lengths, counts) in groups.items():
+            w.write(language, split, np.concatenate(parts), lengths, counts)
 
     def process(self, url: str, tmp: Path) -> dict[str, Any]:
         """Write the partial datasets of one shard into `tmp`; return its done record.
