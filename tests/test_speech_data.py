@@ -468,3 +468,59 @@ def test_cli_help():
         r = subprocess.run([sys.executable, str(REPO / "data_prep" / f"{name}.py"), "--help"],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
+
+
+
+def test_s3_outage_leaves_shard_not_done_and_rerun_completes(local_shards, expanded_tiny_dir, s3_server, tmp_path,
+                                                             monkeypatch):
+    import functools
+
+    import botocore.response
+    from urllib3.exceptions import ProtocolError
+
+    d, _ = local_shards
+    bucket = s3_server.new_bucket()
+    for p in sorted(d.glob("*.tar")):
+        s3_server.upload(bucket, p, f"pt/{p.name}")
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(speech.s3.time, "sleep", lambda s: None)
+    spec, out = f"s3://{bucket}/pt/", tmp_path / "out"
+
+    real_read, real_get = botocore.response.StreamingBody.read, speech.s3.ResumableBody.__init__
+    with monkeypatch.context() as mp:  # every read of shard 1 breaks: an outage longer than the retries
+        def read(self, amt=None):
+            if getattr(self, "_test_dead", False):
+                raise ProtocolError("Connection reset (injected)")
+            return real_read(self, amt)
+
+        orig_make = speech.s3.make_client
+
+        def client_with_dead_shard(settings=None):
+            client = orig_make(settings)
+            get = client.get_object
+
+            def get_object(**kw):
+                resp = get(**kw)
+                resp["Body"]._test_dead = kw["Key"].endswith("shard-000001.tar")
+                return resp
+
+            client.get_object = get_object
+            return client
+
+        mp.setattr(speech.s3, "make_client", client_with_dead_shard)
+        mp.setattr(botocore.response.StreamingBody, "read", read)
+        mp.setattr(speech.s3.ResumableBody, "__init__", functools.partialmethod(real_get, max_resumes=2))
+        summary = speech.build(spec, expanded_tiny_dir, out, "audio", seq_length=SEQ, progress=False)
+    assert [Path(u).name for u, _ in summary["failed"]] == ["shard-000001.tar"]
+    assert "gave up after 2 resumes" in summary["failed"][0][1]
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(speech.SpeechDataError, match="1 of 3 shards are not done"):
+        speech.merge(out, progress=False)
+
+    summary = speech.build(spec, expanded_tiny_dir, out, "audio", seq_length=SEQ, progress=False)  # S3 is back
+    assert not summary["failed"] and summary["manifest"]["shards"]["bad"] == []
+    ref = tmp_path / "ref"
+    speech.build(str(d), expanded_tiny_dir, ref, "audio", seq_length=SEQ, progress=False)
+    a, b = output_bytes(ref), output_bytes(out)
+    assert {k: v for k, v in a.items() if k != "manifest.json"} == {k: v for k, v in b.items() if k != "manifest.json"}
