@@ -98,6 +98,9 @@ def main() -> int:
 
     t0 = time.perf_counter()
     n = _make_llama32_1b()(base)
+    config = json.loads((base / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]  # as in the real model's config; AutoBridge needs it
+    (base / "config.json").write_text(json.dumps(config, indent=2))
     expand_vocab(base, src)
     print(f"built a random Llama-3.2-1B-shaped bf16 model ({n / 1e9:.3f} B parameters before expansion) and "
           f"expanded it to 193,792 tokens in {time.perf_counter() - t0:.0f} s ({src})")

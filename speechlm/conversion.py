@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,8 @@ def check_hf_dir(hf_dir: str | Path) -> TokenLayout:
             f"({tl.TEXT_VOCAB_SIZE} tokens, no speech tokens)"
         )
     config = _read_json(hf_dir / "config.json")
+    if not config.get("architectures"):
+        raise ConversionError(f"{hf_dir / 'config.json'} names no architectures (e.g. [\"LlamaForCausalLM\"]): AutoBridge needs it")
     if config.get("vocab_size") != layout.vocab_size:
         raise LayoutMismatchError(
             f"{where} has {layout.vocab_size} tokens but the model config {hf_dir / 'config.json'} has "
@@ -176,12 +178,17 @@ def _broadcast_path(path: Path | None) -> Path:
     return Path(box[0])
 
 
-def _prepare_output(out: Path, overwrite: bool, forbidden: Path) -> Path:
-    """The hidden sibling to build in (rank 0 creates it); the output appears only by rename."""
+def _check_output(out: Path, overwrite: bool, forbidden: Path) -> None:
+    # Every rank checks (before any collective), so a refusal never leaves other ranks waiting.
     if out == forbidden or forbidden in out.parents:
         raise ConversionError(f"output {out} must not be the input directory or inside it")
     if out.exists() and not overwrite:
         raise ConversionError(f"output {out} exists; pass --overwrite to replace it")
+
+
+def _prepare_output(out: Path, overwrite: bool, forbidden: Path) -> Path:
+    """The hidden sibling to build in (rank 0 creates it); the output appears only by rename."""
+    _check_output(out, overwrite, forbidden)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -245,6 +252,7 @@ def hf_to_megatron(
     if not src.is_dir():
         raise ConversionError(f"input directory {src} does not exist")
     layout = check_hf_dir(src)
+    _check_output(out, overwrite, src)
     config = _read_json(src / "config.json")
     tied = bool(config.get("tie_word_embeddings", False))
     if pp > 1 and tied:
@@ -454,7 +462,6 @@ class ExportSummary:
     tied_embeddings: bool
     verify: dict[str, Any] | None = None
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     def format(self) -> str:
         lines = [
