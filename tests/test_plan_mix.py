@@ -295,3 +295,40 @@ def test_blended_dataset_follows_the_plan(tmp_path):
     for w, c in zip(b.train_weights, counts):
         assert abs(c / n - w) <= mix.binomial_tolerance(w, n), (w, c / n)
         assert math.isclose(c / n, w, abs_tol=2 / n + 1e-9)
+
+
+# --- real manifests of both builders -------------------------------------------------------------
+def test_plans_real_speech_and_text_builds(expanded_tiny_dir, tmp_path):
+    import webdataset as wds
+
+    from speechlm.data import speech
+    from speechlm.data import text as text_mod
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "shard-000000.tar")) as tw:
+        for i in range(30):
+            codes = rng.integers(0, 65536, int(rng.integers(20, 200))).astype(np.int32)
+            tw.write({"__key__": f"s{i:04d}", "codes.npy": codes,
+                      "json": {"language": ("hi", "ta")[i % 2], "text": "namaste duniya " * (1 + i % 3)}})
+    (tmp_path / "text").mkdir()
+    rows = [{"text": f"{i} " + "भारत एक विशाल देश है। " * 12, "language": "hi"} for i in range(20)]
+    (tmp_path / "text" / "a.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    outs = []
+    for kind in ("audio", "tts"):
+        s = speech.build(str(tmp_path / "shards"), expanded_tiny_dir, tmp_path / kind, kind, seq_length=256,
+                         valid_fraction=0.2, progress=False)
+        assert not s["failed"]
+        outs.append(tmp_path / kind)
+    text_mod.build(str(tmp_path / "text"), expanded_tiny_dir, tmp_path / "textout", "sangraha", seq_length=256,
+                   valid_fraction=0.2, progress=False)
+    outs.append(tmp_path / "textout")
+    out = tmp_path / "blend.yaml"
+    p, _ = mix.write_plan(outs, cfg(planned_tokens=100_000), out)
+    names = sorted(r.ds.name for r in p.rows)
+    assert names == ["audio/hi", "audio/ta", "text/sangraha/hi", "tts/hi", "tts/ta"]
+    b = blend_file.load(out)
+    assert b.layout_hash == TokenLayout.load(expanded_tiny_dir).layout_hash
+    assert set(b.validation) <= set(names) and "audio/hi" in b.validation
+    speech_hours = {d["name"]: d["hours"] for d in b.datasets}
+    assert speech_hours["audio/hi"] > 0 and speech_hours["text/sangraha/hi"] is None

@@ -150,6 +150,21 @@ def test_letter_share_counts_indic_marks():
         assert naive < 0.7 < T.letter_share(s)  # vowel signs/viramas are Mn/Mc: letters for us
     assert T.letter_share("12345 67890 !!!") == 0.0
     assert T.letter_share("abc 123") == pytest.approx(0.5)
+    assert T.letter_share("😀 ab") == pytest.approx(2 / 3)  # outside the BMP: the slow path
+    text = HI + " 12 " + TA + " x!"
+    slow = [T._is_letter(c) for c in text if not c.isspace()]
+    assert T.letter_share(text) == pytest.approx(sum(slow) / len(slow))
+
+
+def test_boilerplate_anchors_cover_the_patterns():
+    import re
+
+    for p in T.BOILERPLATE_PATTERNS:  # the fast pre-check must never hide a match
+        sample = {"accept (all )?cookies": "accept cookies", "terms (of use|and conditions|of service)": "terms of use",
+                  "© ?\\d{4}": "© 2024", "powered by (wordpress|blogger)": "powered by wordpress",
+                  "share on (facebook|twitter|whatsapp)": "share on twitter"}.get(p, p)
+        assert re.search(p, sample, re.IGNORECASE), p
+        assert T.boilerplate_line_share(sample.upper() if "©" not in sample else sample) == 1.0, p
 
 
 def test_each_filter_rule():

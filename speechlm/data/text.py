@@ -142,27 +142,38 @@ class Filters:
     max_boilerplate_line_share: float = 0.2
 
 
-_LETTER_CACHE: dict[str, bool] = {}
-
-
 def _is_letter(ch: str) -> bool:
     # Indic vowel signs and viramas (e.g. "ि", "்") are combining marks (Mn/Mc), not alphabetic
     # to str.isalpha, yet they are part of words: count them as letters.
-    r = _LETTER_CACHE.get(ch)
-    if r is None:
-        r = _LETTER_CACHE[ch] = ch.isalpha() or unicodedata.category(ch) in ("Mn", "Mc")
-    return r
+    return ch.isalpha() or unicodedata.category(ch) in ("Mn", "Mc")
+
+
+_SPACE, _LETTER, _OTHER = 0, 1, 2
+_CLASS_TABLE: np.ndarray | None = None
+
+
+def _class_table() -> np.ndarray:
+    """Class of every Basic Multilingual Plane code point (built once, ~0.1 s): a table lookup
+    over the text's code points is ~50x faster than a Python loop over its characters."""
+    global _CLASS_TABLE
+    if _CLASS_TABLE is None:
+        chars = [chr(i) for i in range(0x10000)]
+        _CLASS_TABLE = np.array([_SPACE if c.isspace() else _LETTER if _is_letter(c) else _OTHER for c in chars], np.uint8)
+    return _CLASS_TABLE
 
 
 def letter_share(text: str) -> float:
-    """Letters / non-whitespace characters (0 for none). Counts distinct characters once (C)."""
-    letters = total = 0
-    for ch, n in Counter(text).items():
-        if ch.isspace():
-            continue
-        total += n
-        if _is_letter(ch):
-            letters += n
+    """Letters (str.isalpha or a combining mark) / non-whitespace characters; 0 for none."""
+    cps = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    bmp = cps < 0x10000
+    counts = np.bincount(_class_table()[cps[bmp]], minlength=3)
+    letters, other = int(counts[_LETTER]), int(counts[_OTHER])
+    if not bmp.all():  # outside the BMP (emoji, rare scripts): classify one by one
+        for cp in cps[~bmp]:
+            ch = chr(int(cp))
+            if not ch.isspace():
+                letters, other = letters + _is_letter(ch), other + (not _is_letter(ch))
+    total = letters + other
     return letters / total if total else 0.0
 
 
@@ -176,8 +187,17 @@ def repeated_line_share(text: str) -> float:
     return 1.0 - len(set(lines)) / len(lines) if lines else 0.0
 
 
+# Literal pieces, one of which every boilerplate pattern contains (lower case): a text with
+# none of them (most texts) is decided by a few substring scans instead of a regex per line.
+_BOILERPLATE_ANCHORS = ("cookie", "rights reserved", "click here", "privacy", "terms ", "newsletter", "javascript",
+                        "©", "powered by", "read more", "share on", "follow us")
+
+
 def boilerplate_line_share(text: str) -> float:
     """Share of the non-blank lines containing a boilerplate phrase (BOILERPLATE_PATTERNS)."""
+    low = text.lower()
+    if not any(a in low for a in _BOILERPLATE_ANCHORS):
+        return 0.0
     lines = _lines(text)
     return sum(1 for s in lines if _BOILERPLATE_RE.search(s)) / len(lines) if lines else 0.0
 
