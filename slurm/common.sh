@@ -142,6 +142,8 @@ run_step_with_requeue() {
     trap '_on_stop_signal TERM' TERM
     "${LAUNCH[@]}" "${TASK[@]}" &
     STEP_PID=$!
+    # A signal that came while the shell was still preparing had no step to go to.
+    [[ -n $STOP_SIGNAL ]] && { kill -USR1 "$STEP_PID" 2>/dev/null || true; }
     # A trapped signal interrupts `wait` (status > 128) while the step still runs: wait again
     # until the step itself has ended, and keep its exit status.
     while :; do
