@@ -171,8 +171,10 @@ def test_errors(tmp_path, three_kinds):
     m = json.loads((empty / "manifest.json").read_text())
     m["datasets"]["web_en"]["train"].update(documents=0, tokens=0)
     (empty / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(mix.MixError, match="text/web/en is empty"):
+    with pytest.raises(mix.MixError, match="text/web/en is empty.*exclude"):
         mix.plan([*three_kinds, empty], cfg())
+    kept = mix.plan([*three_kinds, empty], cfg(exclude=("text/web/*",)))  # left out on purpose
+    assert "text/web/en" not in {r.ds.name for r in kept.rows}
     gone = make_manifest(tmp_path / "gone", "text", {"en": 100}, source="web")
     (gone / "web_en_train.idx").unlink()
     with pytest.raises(mix.MixError, match="has no .bin/.idx"):

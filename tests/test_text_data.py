@@ -211,7 +211,7 @@ def test_skips_are_counted_by_reason(expanded_tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("value,code", [("hi", "hi"), ("HI", "hi"), ("hin", "hi"), ("Hindi", "hi"), ("hin_Deva", "hi"),
                                         ("hi-IN", "hi"), ("Odia", "or"), ("ory_Orya", "or"), ("French", ""),
-                                        ("fra", ""), ("", None), (None, None), ("??", None)])
+                                        ("fra", ""), ("fra_Latn", ""), ("zh-Hans", ""), ("", None), (None, None), ("??", None)])
 def test_normalise_language(value, code):
     assert T.normalise_language(value) == code
 

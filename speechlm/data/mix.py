@@ -17,6 +17,7 @@ documents, tokens, [hours]}, valid: {...}}}` with prefixes relative to the manif
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ DEFAULT_SHARES = {"audio": 0.85, "tts": 0.10, "text": 0.05}
 DEFAULT_ALPHA = 0.7
 ON_EXCEED = ("warn", "error", "cap")
 MANIFEST_FILE = "manifest.json"
-_CONFIG_KEYS = {"planned_tokens", "kinds", "max_epochs", "on_exceed"}
+_CONFIG_KEYS = {"planned_tokens", "kinds", "max_epochs", "on_exceed", "exclude"}
 _EPS = 1e-12
 
 
@@ -48,6 +49,11 @@ class MixConfig:
     # epoch caps by dataset name, by kind, or "default"; the most specific wins
     max_epochs: dict[str, float] = field(default_factory=dict)
     on_exceed: str = "warn"
+    # dataset names (fnmatch patterns: "tts/en", "text/*/or") left out of the plan entirely
+    exclude: tuple[str, ...] = ()
+
+    def excluded(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
 
     def cap_for(self, name: str, kind: str) -> float | None:
         for key in (name, kind, "default"):
@@ -93,7 +99,11 @@ def load_config(path: str | Path) -> MixConfig:
     on_exceed = raw.get("on_exceed", "warn")
     if on_exceed not in ON_EXCEED:
         raise MixError(f"{path}: on_exceed must be one of {ON_EXCEED}, got {on_exceed!r}")
-    return MixConfig(int(raw["planned_tokens"]), shares, alphas, {str(k): v for k, v in caps.items()}, on_exceed)
+    exclude = raw.get("exclude") or []
+    if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
+        raise MixError(f"{path}: exclude is a list of dataset names or patterns (text/*/or)")
+    return MixConfig(int(raw["planned_tokens"]), shares, alphas, {str(k): v for k, v in caps.items()}, on_exceed,
+                     tuple(exclude))
 
 
 # --- manifests ---------------------------------------------------------------------------------
@@ -120,8 +130,9 @@ def _has_files(prefix: str) -> bool:
     return Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()
 
 
-def read_manifest(path: str | Path) -> tuple[str, list[Dataset]]:
-    """(layout hash, datasets) of one manifest (speech or text); MixError on anything unusable."""
+def read_manifest(path: str | Path, exclude=lambda name: False) -> tuple[str, list[Dataset]]:
+    """(layout hash, datasets) of one manifest (speech or text); MixError on anything unusable.
+    Datasets whose name `exclude(name)` accepts are left out before any check."""
     path = manifest_path(path)
     if not path.is_file():
         raise MixError(f"no manifest at {path} (pass a build output directory or its manifest.json)")
@@ -141,9 +152,12 @@ def read_manifest(path: str | Path) -> tuple[str, list[Dataset]]:
         if kind == "text" and not source:
             raise MixError(f"{path}: text dataset {key} names no source")
         name = f"{kind}/{source}/{lang}" if kind == "text" else f"{kind}/{lang}"
+        if exclude(name):
+            continue
         train, valid = d.get("train") or {}, d.get("valid") or {}
         if not train.get("prefix") or not train.get("tokens") or not train.get("documents"):
-            raise MixError(f"{path}: dataset {name} is empty (no train documents): drop it from the build or fix its input")
+            raise MixError(f"{path}: dataset {name} is empty (no train documents): fix its input, or leave it "
+                           f"out with `exclude: [{name}]` in the mix config")
         prefix = str((path.parent / train["prefix"]).resolve())
         if not _has_files(prefix):
             raise MixError(f"{path}: dataset {name}: prefix {prefix} has no .bin/.idx (moved or deleted?)")
@@ -155,7 +169,7 @@ def read_manifest(path: str | Path) -> tuple[str, list[Dataset]]:
         hours = train.get("hours") if kind != "text" else None
         out.append(Dataset(name, kind, lang, source, prefix, vprefix, int(train["tokens"]), int(train["documents"]),
                            None if hours is None else float(hours), str(path)))
-    if not out:
+    if not m.get("datasets"):
         raise MixError(f"{path}: manifest lists no datasets")
     return str(m["layout_hash"]), out
 
@@ -218,7 +232,7 @@ def plan(manifests: list[str | Path], config: MixConfig) -> Plan:
     digests: dict[str, str] = {}
     for m in manifests:
         path = manifest_path(m)
-        h, ds = read_manifest(path)
+        h, ds = read_manifest(path, config.excluded)
         hashes[str(path)] = h
         digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
         datasets.extend(ds)

@@ -128,7 +128,7 @@ def normalise_language(value: Any) -> str | None:
     code = LANGUAGE_ALIASES.get(v) or LANGUAGE_ALIASES.get(head)
     if code:
         return code
-    return "" if re.fullmatch(r"[a-z][a-z ()'-]*", v) else None
+    return "" if re.fullmatch(r"[a-z]+", head) else None  # "French", "fra", "fra_Latn": another language
 
 
 # --- filters -----------------------------------------------------------------------------------
