@@ -96,14 +96,13 @@ def validation_sets(blend) -> dict[str, str]:
     return {k: v for k, v in (blend.validation if blend else {}).items() if k.split("/")[0] == KIND}
 
 
-def finish_config(cfg, ours: dict, hf_model: str, blend) -> list[str]:
-    """Swap in the packed dataset and check SFT's own constraints; returns warnings to print."""
-    from speechlm.train import RecipeError
-
+def finish_config(cfg, ours: dict, hf_model: str, blend) -> tuple[list[str], list[str]]:
+    """Swap in the packed dataset and check SFT's own constraints: (problems, warnings)."""
+    problems = []
     prefixes = list(cfg.dataset.blend[0]) if cfg.dataset.blend else []
     if cfg.dataset.blend and cfg.dataset.blend[1] and len(set(cfg.dataset.blend[1])) > 1:
         # Every pair is seen once per epoch; weights between TTS sets would need sampling.
-        raise RecipeError("SFT packs every TTS pair once per epoch: dataset.blend weights are not supported")
+        problems.append("SFT packs every TTS pair once per epoch: dataset.blend weights are not supported")
     packed_thd = ours.get("packed_thd")
     packed_thd = megatron_env.cpu_compat.cuda_present() if packed_thd is None else bool(packed_thd)
     old = cfg.dataset
@@ -113,7 +112,6 @@ def finish_config(cfg, ours: dict, hf_model: str, blend) -> list[str]:
         num_workers=old.num_workers, data_sharding=old.data_sharding, pin_memory=old.pin_memory,
         persistent_workers=old.persistent_workers,
     )
-    problems = []
     if not cfg.model.calculate_per_token_loss or cfg.ddp.average_in_collective:
         problems.append("SFT averages the loss over the global batch's loss tokens: set "
                         "model.calculate_per_token_loss=true and ddp.average_in_collective=false")
@@ -124,9 +122,7 @@ def finish_config(cfg, ours: dict, hf_model: str, blend) -> list[str]:
     if not cfg.checkpoint.pretrained_checkpoint:
         problems.append("SFT starts from a pretraining checkpoint: set checkpoint.pretrained_checkpoint "
                         "(a pretraining save directory, one of its iter_* directories, or an HF model directory)")
-    if problems:
-        raise RecipeError("the SFT recipe cannot work:\n  - " + "\n  - ".join(problems))
-    return [w for w in [lr_warning(cfg, ours)] if w]
+    return problems, [w for w in [lr_warning(cfg, ours)] if w]
 
 
 # --- the pretraining run's final LR --------------------------------------------------------------

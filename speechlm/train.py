@@ -129,7 +129,10 @@ def build_config(recipe: DictConfig, world_size: int):
     plan = _plan(cfg, ours, world_size)
     _check(cfg, plan, hf_model, blend)
     if sft_mode:
-        sft.warn(sft.finish_config(cfg, ours, hf_model, blend))
+        problems, notes = sft.finish_config(cfg, ours, hf_model, blend)
+        if problems:
+            raise RecipeError("the SFT recipe cannot work:\n  - " + "\n  - ".join(problems))
+        sft.warn(notes)
     _set_policy(cfg, ours, recipe, hf_model, blend)
     return cfg, plan, blend
 

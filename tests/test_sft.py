@@ -199,6 +199,12 @@ def _model_check(model_dir: str, blend: str, out: str) -> None:
             cfg, _, _ = train.build_config(train.load_recipe(REPO / "recipes/sft_smoke.yaml",
                                                              [f"checkpoint.pretrained_checkpoint={model_dir}", *common, *extra]), 2)
         report[f"warning_{name}"] = err.getvalue()
+    try:  # a recipe that cannot work fails before any training, saying what to change
+        train.build_config(train.load_recipe(REPO / "recipes/sft_smoke.yaml", [*common, "model.calculate_per_token_loss=false",
+                                                                             "checkpoint.pretrained_checkpoint=null"]), 2)
+        report["refused"] = ""
+    except train.RecipeError as e:
+        report["refused"] = str(e)
     report["dataset_type"] = type(cfg.dataset).__name__
     report["per_token_loss"] = [cfg.model.calculate_per_token_loss, cfg.ddp.average_in_collective]
     Path(out).write_text(json.dumps(report, indent=2))
@@ -222,6 +228,8 @@ def test_packed_row_through_a_megatron_gpt_model(expanded_tiny_dir, synthetic_bl
     assert "optimizer.lr=0.003 differs from the pretraining run's final LR 0.0003" in r["warning_other_lr"], r
     assert "differs from the pretraining run's final LR 1.5e-05 (from " in r["warning_from_pt"], r
     assert "provenance.json" in r["warning_from_pt"], r
+    assert "set model.calculate_per_token_loss=true" in r["refused"], r
+    assert "set checkpoint.pretrained_checkpoint" in r["refused"], r
     assert r["dataset_type"] == "PackedTTSDatasetConfig" and r["per_token_loss"] == [True, False], r
 
 
