@@ -10,8 +10,7 @@ times, each in its own subprocess so the memory peaks do not mix:
      MultivariateNormal sampling runs one matrix-vector product per row, ~0.1 s a row on this
      2-core CPU) and with mean_resizing=False (normal init with initializer_range),
   3. AutoTokenizer load of the original and of the expanded tokenizer.
-Prints wall time and peak RSS (the process's high-water mark: ru_maxrss, or VmHWM for a child
-stopped at the timeout) for each.
+Prints wall time, CPU time and peak RSS (the process's high-water mark, VmHWM) for each.
 
     .venv/bin/python bench/expand_vocab.py [--workdir DIR] [--keep] [--baseline-timeout S]
 """
@@ -27,7 +26,13 @@ import time
 from pathlib import Path
 
 # Each child prints one JSON line: wall seconds of the measured work, and its peak RSS.
-_REPORT = "import json, resource; print('RESULT', json.dumps({'seconds': time.perf_counter() - t0, 'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))"
+# CPU seconds (user + system) are reported too: on a shared machine they vary less than wall time.
+# Peak RSS is VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
+_REPORT = (
+    "import json, resource; r = resource.getrusage(resource.RUSAGE_SELF); "
+    "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; print('RESULT', json.dumps("
+    "{'seconds': time.perf_counter() - t0, 'cpu_seconds': r.ru_utime + r.ru_stime, 'peak_rss_gib': hwm / 2**20}))"
+)
 
 CHILDREN = {
     "expand_vocab (ours)": """
@@ -110,7 +115,7 @@ def run_child(code: str, src: Path, out: Path, timeout: float | None = None) -> 
         hwm = _vm_hwm_gib(proc.pid)
         proc.kill()
         stdout, _ = proc.communicate()
-        return {"seconds": float("nan"), "process_seconds": time.perf_counter() - t0, "peak_rss_gib": hwm,
+        return {"seconds": float("nan"), "cpu_seconds": float("nan"), "process_seconds": time.perf_counter() - t0, "peak_rss_gib": hwm,
                 "log": stdout.strip() + f"\nSTOPPED after {timeout:.0f} s, unfinished (peak RSS so far)"}
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -137,10 +142,10 @@ def main() -> int:
     import os
 
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'what':42s} {'work s':>8s} {'process s':>10s} {'peak RSS GiB':>13s}")
+    print(f"{'what':44s} {'work s':>7s} {'process s':>9s} {'CPU s':>7s} {'peak RSS GiB':>12s}")
     for name, code in CHILDREN.items():
         r = run_child(code, src, out, timeout=args.baseline_timeout if "mean_resizing=True" in name else None)
-        print(f"{name:42s} {r['seconds']:8.1f} {r['process_seconds']:10.1f} {r['peak_rss_gib']:13.2f}")
+        print(f"{name:44s} {r['seconds']:7.1f} {r['process_seconds']:9.1f} {r['cpu_seconds']:7.1f} {r['peak_rss_gib']:12.2f}")
         for line in r["log"].splitlines():
             print(f"    {line}")
         print(f"    (load average now {os.getloadavg()[0]:.1f})", flush=True)
