@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Text-to-speech fine-tuning (SFT) on 8-GPU nodes: the same launcher as pretrain.sh (one task
 # per GPU, resumes from its checkpoint, requeues itself before the time limit) with the SFT
-# recipe. No SFT recipe is in the repo yet: set RECIPE (and TRAIN_MODULE if SFT gets its own
-# entry point). Every #SBATCH line can be overridden on the sbatch command line.
+# recipe (`speechlm.mode: sft`: speechlm.train runs Bridge's finetune(), docs/sft.md).
+# Every #SBATCH line can be overridden on the sbatch command line.
 #
-#   RECIPE=recipes/sft.yaml HF_MODEL=/models/llama32-1b-speech BLEND=/data/tts-blend.yaml \
+#   HF_MODEL=/models/llama32-1b-speech BLEND=/data/tts-blend.yaml \
 #   PRETRAINED_CHECKPOINT=/ckpt/pt-1b CKPT_DIR=/ckpt/sft-1b \
 #   CONTAINER_IMAGE=/images/speechlm.sqsh CONTAINER_MOUNTS=/lustre:/lustre \
 #       sbatch --nodes=2 slurm/sft.sh [--dry-run] [key=value ...]
