@@ -216,6 +216,49 @@ def test_time_limit_signals_checkpoints_requeues_and_finishes(cluster, expanded_
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(iters)
 
 
+FAKE_RANK = """#!/usr/bin/env bash
+# Stands in for `python -m speechlm.train ...`: FAKE_EXIT exits at once with that code;
+# otherwise waits for SIGUSR1, then "checkpoints" and exits 0 as speechlm.train does.
+echo "fake rank $RANK of $WORLD_SIZE ready"
+[[ -n ${FAKE_EXIT:-} ]] && exit "$FAKE_EXIT"
+trap 'echo "fake rank $RANK: exiting program after receiving SIGTERM"; exit 0' USR1
+for _ in $(seq 600); do sleep 0.2; done
+exit 9
+"""
+
+
+def _fake_python(tmp_path: Path) -> str:
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_RANK)
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_a_real_failure_is_not_requeued_and_requeues_are_capped(cluster, tmp_path):
+    """The two ways a job ends without requeueing, with a stand-in for the ranks (seconds)."""
+    # a rank fails on its own: the job fails with that exit code, no requeue
+    job = sbatch("pretrain.sh", ["--ntasks-per-node=2", "--time=00:05:00"], [], tmp_path,
+                 PYTHON=_fake_python(tmp_path), RECIPE="recipes/smoke.yaml", FAKE_EXIT="3")
+    log = tmp_path / f"speechlm-pretrain-{job}.out"
+    info = wait_job(job, 120, log)
+    text = log.read_text()
+    assert info.get("JobState") == "FAILED" and info.get("ExitCode") == "3:0", (info, text)
+    assert info.get("Restarts") == "0" and "requeueing" not in text and "tasks finished with exit code 3" in text
+
+    # the pre-time-limit signal (what --signal=B:USR1@N sends: SIGUSR1 to the batch shell only)
+    # with MAX_REQUEUES reached: the ranks stop cleanly, the job is not requeued and fails
+    job = sbatch("pretrain.sh", ["--ntasks-per-node=2", "--time=00:05:00"], [], tmp_path,
+                 PYTHON=_fake_python(tmp_path), RECIPE="recipes/smoke.yaml", MAX_REQUEUES="0")
+    log = tmp_path / f"speechlm-pretrain-{job}.out"
+    wait_for(log, r"(?s)fake rank \d of 2 ready.*fake rank \d of 2 ready", job, 120)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
+    info = wait_job(job, 120, log)
+    text = log.read_text()
+    assert text.count("exiting program after receiving SIGTERM") == 2, text
+    assert "not requeueing: MAX_REQUEUES=0 reached" in text
+    assert info.get("JobState") == "FAILED" and info.get("ExitCode") == "1:0" and info.get("Restarts") == "0", info
+
+
 def _write_shards(directory: Path, n_shards: int = 3, per_shard: int = 30) -> None:
     import numpy as np
     import webdataset as wds
