@@ -102,12 +102,15 @@ def main(argv: list[str] | None = None) -> int:
                 args.max_repeated_lines if args.max_repeated_lines is not None else (None if short else 0.3),
                 args.max_boilerplate_lines,
             )
+        template = args.template
+        if template is not None:  # a shell cannot easily pass a newline: accept \n and \t
+            template = template.replace("\\n", "\n").replace("\\t", "\t")
         s3s = s3.S3Settings.from_env(profile=args.profile, endpoint_url=args.endpoint_url, max_attempts=args.max_attempts)
         summary = text.build(
             args.input, args.model, args.output, args.source,
             merge_after=args.num_tasks == 1 and not args.no_merge,
             seq_length=args.seq_length, valid_fraction=args.valid_fraction, text_field=args.text_field,
-            template=args.template, language_field=args.language_field or None, default_language=args.language,
+            template=template, language_field=args.language_field or None, default_language=args.language,
             input_format=args.format, filters=filters, num_tasks=args.num_tasks, task_index=task_index,
             s3_settings=s3s, progress=not args.quiet,
         )

@@ -251,6 +251,12 @@ def test_fixed_language_and_cli_errors(expanded_tiny_dir, tmp_path, capsys):
     assert cli()([*args, "--language", "ta", "--valid-fraction", "0"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert list(m["datasets"]) == ["wiki_ta"] and m["datasets"]["wiki_ta"]["train"]["samples"] == 2
+    # a custom template from the shell: a typed \n means a newline; a blank language value takes --language
+    write_jsonl(d / "qa.jsonl", [{"q": "கேள்வி", "a": "பதில்", "language": " "}])
+    assert cli()(["--input", str(d / "qa.jsonl"), "--model", str(expanded_tiny_dir), "--output", str(tmp_path / "qa"),
+                  "--source", "qa", "--template", "Q: {q}\\nA: {a}", "--language", "ta", "--quiet"]) == 0
+    m = json.loads((tmp_path / "qa" / "manifest.json").read_text())
+    assert m["settings"]["template"] == "Q: {q}\nA: {a}" and m["datasets"]["qa_ta"]["train"]["samples"] + m["datasets"]["qa_ta"]["valid"]["samples"] == 1
     capsys.readouterr()
     assert cli()([*args[:5], str(tmp_path / "o2"), "--source", "wiki", "--language", "xx"]) == 2
     assert "unknown --language 'xx'" in capsys.readouterr().err

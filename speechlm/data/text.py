@@ -409,7 +409,7 @@ class FileProcessor:
     def language(self, row: dict[str, Any]) -> str | None:
         st = self.settings
         value = row.get(st.language_field) if st.language_field else None
-        if value is None:
+        if value is None or (isinstance(value, str) and not value.strip()):
             return st.default_language
         return normalise_language(value)
 
