@@ -81,7 +81,12 @@ launcher_cmd() {
     fi
     if [[ -n ${CONTAINER_IMAGE:-} ]]; then
         LAUNCH+=("--container-image=$CONTAINER_IMAGE")
-        [[ -n ${CONTAINER_MOUNTS:-} ]] && LAUNCH+=("--container-mounts=$CONTAINER_MOUNTS")
+        if [[ -n ${CONTAINER_MOUNTS:-} ]]; then
+            LAUNCH+=("--container-mounts=$CONTAINER_MOUNTS")
+        else
+            # Without mounts, checkpoints and datasets written in the container are lost with it.
+            log "warning: CONTAINER_IMAGE without CONTAINER_MOUNTS: only the image's own files are visible to the tasks" >&2
+        fi
         # The image holds the code at /opt/speechlm (Dockerfile WORKDIR).
         LAUNCH+=("--container-workdir=${CONTAINER_WORKDIR:-/opt/speechlm}")
     else
