@@ -136,6 +136,9 @@ def main() -> None:
             best = (wall, cpu, out) if best is None or cpu < best[1] else best
         wall, cpu, out = best
         runs[f"build_speech task ({args.kind}: validate, format, write)"] = (wall, cpu)
+        # fixed cost of a task, not per segment: layout + tokenizer check and load (tts)
+        _, lwall, lcpu = timed(lambda: speech.load_model_dir(model, need_tokenizer=args.kind == "tts"))
+        runs["  same, without loading the model dir"] = (wall - lwall, cpu - lcpu)
         manifest, mwall, mcpu = timed(lambda: speech.merge(out, progress=False))
         tokens = manifest["totals"]["tokens"]
         assert manifest["totals"]["samples"] == args.segments
@@ -144,7 +147,8 @@ def main() -> None:
         base = runs["webdataset .decode() loop"][1]
         for name, (w, c) in runs.items():
             print(f"{name:<52} {args.segments / c:>16,.0f} {w:>8.2f} {c:>8.2f}   x{base / c:.2f} vs webdataset")
-        print(f"\nbuild: {tokens / cpu:,.0f} tokens/s/core ({tokens:,} tokens, "
+        print(f"\nmodel dir load: {lcpu:.2f} s cpu once per task")
+        print(f"build: {tokens / cpu:,.0f} tokens/s/core ({tokens:,} tokens, "
               f"{manifest['totals']['documents']:,} documents)")
         print(f"merge: {mwall:.2f} s wall for {len(shards)} shards; build + merge "
               f"{args.segments / (cpu + mcpu):,.0f} segments/s/core")

@@ -400,18 +400,18 @@ class ShardProcessor:
     def _emit_tts(self, w: _ShardWriter, batch: list[_Pending]) -> None:
         """TTS documents of a batch: one tokenizer call; pairs that do not fit are dropped."""
         layout, seq = self.layout, self.settings.seq_length
-        keep: list[tuple[_Pending, list[int]]] = []
+        keep: list[tuple[_Pending, np.ndarray]] = []
         for p, ids in zip(batch, encode_texts(self.tokenizer, [p.text for p in batch])):
             if not ids:
                 w.skip("empty_text", p.language)
             elif len(p.codes) > layout.max_codes_per_tts_document(seq, len(ids)):
                 w.skip("too_long", p.language)
             else:
-                keep.append((p, ids))
+                keep.append((p, np.array(ids, np.int32)))
         for i in range(0, len(keep), _AUDIO_BATCH):  # small chunks: see _AUDIO_BATCH
             self._write_tts(w, keep[i : i + _AUDIO_BATCH])
 
-    def _write_tts(self, w: _ShardWriter, items: list[tuple[_Pending, list[int]]]) -> None:
+    def _write_tts(self, w: _ShardWriter, items: list[tuple[_Pending, np.ndarray]]) -> None:
         """Like _emit_audio: the layout checks all transcripts' ids and converts all codes in one
         call each, the frame comes from the layout, and the first document is checked against
         `layout.tts_document`."""
@@ -419,7 +419,7 @@ class ShardProcessor:
         if not items:
             return
         try:  # tts_prompt refuses any id that is not a plain text token
-            layout.tts_prompt(np.fromiter((t for _, ids in items for t in ids), np.int64), items[0][0].language)
+            layout.tts_prompt(np.concatenate([ids for _, ids in items]), items[0][0].language)
         except ValueError:  # find the culprits one by one
             good = []
             for p, ids in items:
@@ -438,7 +438,7 @@ class ShardProcessor:
             head, start, tail = self._tts_frame(p.language)
             parts, lengths, counts = groups.setdefault((p.language, p.split), ([], [], [0, 0, 0.0]))
             n = len(p.codes)
-            parts += (head, np.array(ids, np.int32), start, code_ids[o : o + n], tail)
+            parts += (head, ids, start, code_ids[o : o + n], tail)
             lengths.append(len(head) + len(ids) + 1 + n + len(tail))
             o += n
             counts[0] += 1
