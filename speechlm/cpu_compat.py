@@ -268,6 +268,24 @@ def _patch_distributed_optimizer() -> None:
 
     DistributedOptimizer.sharded_state_dict = sharded_state_dict
 
+    # After such a load, torch Adam's per-parameter 'step' holds the dummy step's count (1)
+    # instead of the checkpoint's, so Adam's bias correction restarts and a resumed run drifts
+    # from an uninterrupted one. The true count is in each param group (megatron-core saves it
+    # there for TE-less Adam): give every parameter its own tensor with that count.
+    original_load = DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        for group in self.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = self.optimizer.state.get(param)
+                if state is not None and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+    DistributedOptimizer.load_state_dict = load_state_dict
+
 
 def _patch_bridge() -> None:
     import megatron.bridge.training.initialize as bridge_init

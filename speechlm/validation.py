@@ -8,7 +8,7 @@ each time, and logs `<name> lm loss` / `<name> ppl` to tensorboard (and wandb wh
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import math
 
 from megatron.bridge.training.callbacks import Callback
@@ -38,8 +38,10 @@ class PerSetValidation(Callback):
             if not on_this_rank:  # Bridge broadcasts the batch from TP rank 0
                 loaders[name] = None
                 continue
-            ds_cfg = dataclasses.replace(cfg.dataset, blend=None, blend_per_split=[None, ([prefix], None), None],
-                                         split=None, multiple_validation_sets=None, mock=False)
+            # A copy of the training dataset config reading only this prefix for the valid split
+            # (per-split blends bypass `split`; no __post_init__ re-run).
+            ds_cfg = copy.copy(cfg.dataset)
+            ds_cfg.blend, ds_cfg.blend_per_split = None, [None, ([prefix], None), None]
             dataset = BlendedMegatronDatasetBuilder(GPTDataset, [0, n_samples, 0], lambda: True, ds_cfg).build()[1]
             loaders[name] = build_pretraining_data_loader(
                 dataset, 0, "single", cfg.validation.eval_micro_batch_size, 0, cfg.dataset.data_sharding,
