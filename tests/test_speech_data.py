@@ -446,7 +446,7 @@ def test_task_counts_give_identical_bytes(local_shards, expanded_tiny_dir, tmp_p
 
     # inspect shows what the model reads
     capsys.readouterr()
-    assert load_cli("inspect").main([str(three / "audio_ta_train"), "--n", "2", "--model", str(expanded_tiny_dir)]) == 0
+    assert load_cli("inspect_data").main([str(three / "audio_ta_train"), "--n", "2", "--model", str(expanded_tiny_dir)]) == 0
     shown = capsys.readouterr().out
     assert "audio lang=- tokens=" in shown and "codes:" in shown
 
@@ -458,13 +458,13 @@ def test_inspect_detokenizes_tts(expanded_tiny_dir, tmp_path, capsys):
     speech.build(str(tmp_path / "t.tar"), expanded_tiny_dir, tmp_path / "o", "tts", seq_length=SEQ,
                  valid_fraction=0.0, progress=False)
     capsys.readouterr()
-    assert load_cli("inspect").main([str(tmp_path / "o" / "tts_hi_train"), "--model", str(expanded_tiny_dir)]) == 0
+    assert load_cli("inspect_data").main([str(tmp_path / "o" / "tts_hi_train"), "--model", str(expanded_tiny_dir)]) == 0
     shown = capsys.readouterr().out
     assert f"text: {samples[1]['json']['text']!r}" in shown
 
 
 def test_cli_help():
-    for name in ("build_speech", "merge_speech", "inspect"):
+    for name in ("build_speech", "merge_speech", "inspect_data"):
         r = subprocess.run([sys.executable, str(REPO / "data_prep" / f"{name}.py"), "--help"],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "usage:" in r.stdout, r.stderr

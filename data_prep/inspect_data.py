@@ -2,7 +2,7 @@
 """Show what the model will read: decode documents of a built prefix back to kind, language,
 text and codes (token_layout.decode_document).
 
-  inspect.py DATA/audio_hi_train [--n 5] [--start 0] [--model EXPANDED_MODEL_DIR]
+  inspect_data.py DATA/audio_hi_train [--n 5] [--start 0] [--model EXPANDED_MODEL_DIR]
 
 The token layout comes from --model (token_layout.json) or else from the manifest.json next to
 the prefix. With --model the transcript is detokenized; without, its ids are shown.
@@ -10,28 +10,14 @@ the prefix. With --model the transcript is detokenized; without, its ids are sho
 
 from __future__ import annotations
 
-import sys
-
-if __name__ == "inspect":
-    # A script in data_prep/ is running, so this directory is first on sys.path and an
-    # `import inspect` (dataclasses, numpy, ... do one) found this file instead of the standard
-    # library's module: load that one in our place, so sibling scripts work.
-    import importlib.util
-    import os
-    import sysconfig
-
-    _spec = importlib.util.spec_from_file_location("inspect", os.path.join(sysconfig.get_path("stdlib"), "inspect.py"))
-    _std = importlib.util.module_from_spec(_spec)
-    sys.modules["inspect"] = _std
-    _spec.loader.exec_module(_std)
-
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="inspect.py", description=__doc__,
+    ap = argparse.ArgumentParser(prog="inspect_data.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prefix", help="dataset prefix (path without .bin/.idx)")
     ap.add_argument("--n", type=int, default=5, help="documents to show (default 5)")
