@@ -121,10 +121,11 @@ print_dry_run() {
 }
 
 # Preemption and time limits. SLURM sends SIGUSR1 to this batch shell before the time limit
-# (#SBATCH --signal=B:USR1@...), or SIGTERM on preemption. The shell forwards SIGUSR1 to srun,
-# which passes it on to every task (srun would turn a SIGTERM into SIGKILL); speechlm.train
-# treats SIGUSR1 as SIGTERM: it saves a checkpoint and exits 0. Once all tasks are gone the job
-# requeues itself (at most MAX_REQUEUES times) and the next run resumes from checkpoint.save.
+# (#SBATCH --signal=B:USR1@...), and SIGTERM on scancel or preemption. The shell forwards
+# SIGUSR1 to srun, which passes it on to every task (srun would turn a SIGTERM into SIGKILL);
+# speechlm.train treats SIGUSR1 as SIGTERM: it saves a checkpoint and exits 0. After SIGUSR1,
+# once all tasks are gone, the job requeues itself (at most MAX_REQUEUES times) and the next run
+# resumes from checkpoint.save; after SIGTERM it ends (a cancel must stay a cancel).
 STOP_SIGNAL=""
 STEP_PID=""
 
@@ -164,7 +165,9 @@ run_step_with_requeue() {
         return "$rc"
     fi
     log "tasks stopped after SIG$STOP_SIGNAL with exit code $rc"
-    if [[ -z ${SLURM_JOB_ID:-} ]]; then
+    # SIGTERM comes from scancel (and from preemption, where SLURM requeues the job itself when
+    # PreemptMode=REQUEUE): the ranks have checkpointed; requeueing would undo a cancel.
+    if [[ -z ${SLURM_JOB_ID:-} || $STOP_SIGNAL == TERM ]]; then
         return "$rc"
     fi
     if ((restarts >= max)); then

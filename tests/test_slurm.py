@@ -222,7 +222,7 @@ FAKE_RANK = """#!/usr/bin/env bash
 # otherwise waits for SIGUSR1, then "checkpoints" and exits 0 as speechlm.train does.
 echo "fake rank $RANK of $WORLD_SIZE ready"
 [[ -n ${FAKE_EXIT:-} ]] && exit "$FAKE_EXIT"
-trap 'echo "fake rank $RANK: exiting program after receiving SIGTERM"; exit 0' USR1
+trap 'echo "fake rank $RANK: exiting program after receiving SIGTERM"; exit 0' USR1 TERM
 for _ in $(seq 600); do sleep 0.2; done
 exit 9
 """
@@ -236,7 +236,7 @@ def _fake_python(tmp_path: Path) -> str:
 
 
 def test_a_real_failure_is_not_requeued_and_requeues_are_capped(cluster, tmp_path):
-    """The two ways a job ends without requeueing, with a stand-in for the ranks (seconds)."""
+    """The ways a job ends without requeueing, with a stand-in for the ranks (seconds)."""
     # a rank fails on its own: the job fails with that exit code, no requeue
     job = sbatch("pretrain.sh", ["--ntasks-per-node=2", "--time=00:05:00"], [], tmp_path,
                  PYTHON=_fake_python(tmp_path), RECIPE="recipes/smoke.yaml", FAKE_EXIT="3")
@@ -258,6 +258,17 @@ def test_a_real_failure_is_not_requeued_and_requeues_are_capped(cluster, tmp_pat
     assert text.count("exiting program after receiving SIGTERM") == 2, text
     assert "not requeueing: MAX_REQUEUES=0 reached" in text
     assert info.get("JobState") == "FAILED" and info.get("ExitCode") == "1:0" and info.get("Restarts") == "0", info
+
+    # scancel (SIGTERM to the batch shell and the ranks): the ranks stop cleanly, no requeue
+    job = sbatch("pretrain.sh", ["--ntasks-per-node=2", "--time=00:05:00"], [], tmp_path,
+                 PYTHON=_fake_python(tmp_path), RECIPE="recipes/smoke.yaml")
+    log = tmp_path / f"speechlm-pretrain-{job}.out"
+    wait_for(log, r"(?s)fake rank \d of 2 ready.*fake rank \d of 2 ready", job, 120)
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    info = wait_job(job, 120, log)
+    text = log.read_text()
+    assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", (info, text)
+    assert "received SIGTERM" in text and "requeueing" not in text, text
 
 
 def _write_shards(directory: Path, n_shards: int = 3, per_shard: int = 30) -> None:
