@@ -72,7 +72,7 @@ def run_child(code: str, src: Path, work: Path) -> dict:
     lines = r.stdout.strip().splitlines()
     result = json.loads(next(line for line in lines if line.startswith("RESULT"))[7:])
     result["process_seconds"] = wall
-    result["log"] = "\n".join(line for line in lines if line.startswith(("converted", "exported", "  ")))
+    result["log"] = "\n".join(line for line in lines if line.startswith(("converted", "exported", "  token", "  verify", "  ->")))
     return result
 
 
