@@ -85,6 +85,7 @@ def make_llama32_1b(out: Path) -> int:
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131_072,
         rms_norm_eps=1e-5, rope_parameters={"rope_theta": tiny.LLAMA32_ROPE_THETA, **tiny.LLAMA32_ROPE},
         tie_word_embeddings=True, bos_token_id=tiny.BOS_ID, eos_token_id=tiny.EOS_ID, dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],  # AutoBridge (conversion) needs it, as in a real checkpoint
     )
     with torch.device("meta"):  # shapes only; values are filled below without a slow init
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items() if k != "lm_head.weight"}

@@ -190,7 +190,12 @@ def _check(cfg, plan: Plan, hf_model: str, blend) -> None:
         layout = TokenLayout.load(hf_model)  # verifies its own hash
         if m.vocab_size < VOCAB_SIZE:
             problems.append(f"{hf_model} has a vocabulary of {m.vocab_size} < {VOCAB_SIZE}: expand it first")
-        del layout
+        start = cfg.checkpoint.pretrained_checkpoint  # a converted model records its layout too
+        if start and (Path(start) / "token_layout.json").is_file():
+            try:
+                layout.check_compatible(TokenLayout.load(start), f"pretrained checkpoint {start} vs model {hf_model}")
+            except LayoutMismatchError as e:
+                problems.append(str(e))
     elif blend is not None:
         problems.append(f"{hf_model} has no token_layout.json: use the vocabulary-expanded model")
     if cfg.dataset.blend is None and cfg.dataset.blend_per_split is None:
