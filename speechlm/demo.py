@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from speechlm import tiny
+from speechlm.blend_file import Blend
 from speechlm.token_layout import TokenLayout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,8 +39,8 @@ def synthetic_speech_dataset(prefix: Path, layout: TokenLayout, n_docs: int = 20
     3-6 codes; an utterance is 3-8 words. The model can only lower its loss by learning the runs."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    rng = np.random.default_rng(seed)
-    words = [rng.integers(0, 65_536, size=int(rng.integers(3, 7))) for _ in range(40)]
+    words = [np.random.default_rng(0).integers(0, 65_536, size=int(n)) for n in np.random.default_rng(1).integers(3, 7, 40)]
+    rng = np.random.default_rng(seed)  # the same words for every split; utterances differ by seed
     tmp = prefix.with_name(prefix.name + ".partial")
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=np.int32)
     for _ in range(n_docs):
@@ -71,18 +72,22 @@ def main(argv: list[str] | None = None) -> None:
                         "--output", str(expanded)], check=True)
     layout = TokenLayout.load(expanded)
 
-    prefix = work / "data" / "audio_synthetic"
-    step(f"3/4 synthetic speech dataset -> {prefix}.bin/.idx")
-    if not Path(f"{prefix}.idx").is_file():
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        synthetic_speech_dataset(prefix, layout)
+    data = work / "data"
+    train, valid, blend = data / "audio_synthetic_train", data / "audio_synthetic_valid", data / "blend.yaml"
+    step(f"3/4 synthetic speech dataset -> {data}")
+    if not blend.is_file():
+        data.mkdir(parents=True, exist_ok=True)
+        synthetic_speech_dataset(train, layout, n_docs=2000, seed=0)
+        synthetic_speech_dataset(valid, layout, n_docs=100, seed=1)
+        Blend(layout_hash=layout.layout_hash, train_prefixes=[str(train)], train_weights=[1.0],
+              validation={"audio/synthetic": str(valid)}).write(blend)
 
     ckpt = work / "checkpoints"
     step(f"4/4 Megatron-Bridge pretraining on 2 processes -> {ckpt}")
     log = work / "pretrain.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "speechlm.train", "--config", str(REPO / "recipes" / "smoke.yaml"),
-           f"speechlm.hf_model={expanded}", f"dataset.blend=[[{prefix}],null]", f"checkpoint.save={ckpt}",
+           f"speechlm.hf_model={expanded}", f"speechlm.blend={blend}", f"checkpoint.save={ckpt}",
            f"train.train_iters={args.iters}", "validation.eval_interval=20"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             out.write(line)
             if m := re.search(r"iteration\s+(\d+)/\s*(\d+).*?per iteration \(ms\): ([0-9.]+).*?lm loss: ([0-9.E+-]+)", line):
                 print(f"  iteration {m[1]}/{m[2]}  loss {float(m[4]):.3f}  ({float(m[3]):.0f} ms)", flush=True)
-            elif re.search(r"validation loss at|saved checkpoint", line):
+            elif re.search(r"validation .*at iteration|saved checkpoint", line):
                 print("  " + line.strip(), flush=True)
     if proc.wait() != 0:
         sys.exit(f"pretraining failed (exit {proc.returncode}); full log: {log}")

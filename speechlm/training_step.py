@@ -2,7 +2,8 @@
 
 The loss that is optimised is Bridge's own (`masked_next_token_loss`, every target token);
 "speech loss" and "text loss" are reporting metrics over the targets that are codec tokens
-(and `<|speech_end|>`) or anything else. A metric whose kind has no targets in a whole global
+(and `<|speech_end|>`) and over every other target (text tokens, BOS/EOD, `<|speech_start|>`,
+language tags). A metric whose kind has no targets in a whole global
 batch reads NaN for that step.
 """
 
