@@ -152,7 +152,7 @@ def pretraining_final_lr(pretrained_checkpoint: str | None, pretrain_recipe: str
         if lr is not None:
             return float(lr), str(it / "run_config.yaml")
     if pretrain_recipe:
-        from speechlm.train import load_recipe
+        from speechlm.recipe import load_recipe
 
         path = Path(pretrain_recipe)
         path = path if path.is_absolute() or path.is_file() else RECIPES / path

@@ -30,32 +30,11 @@ import torch  # noqa: E402  (after the CPU mode)
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from speechlm import blend_file, checkpoints  # noqa: E402
+from speechlm.recipe import RecipeError, load_recipe  # noqa: E402,F401  (re-exported)
 from speechlm.token_layout import VOCAB_SIZE, LayoutMismatchError, TokenLayout  # noqa: E402
 
 OUR_SECTION = "speechlm"
 REPO = Path(__file__).resolve().parent.parent
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot work; the message says what to change."""
-
-
-# --- recipe files --------------------------------------------------------------------------------
-
-
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
-    """The recipe (its `base` chain merged first) with `key=value` overrides applied."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}")
-    recipe = OmegaConf.load(path)
-    base = recipe.pop("base", None)
-    if base:
-        recipe = OmegaConf.merge(load_recipe(path.parent / base), recipe)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise RecipeError(f"overrides must look like key=value, got: {' '.join(bad)}")
-    return OmegaConf.merge(recipe, OmegaConf.from_dotlist(list(overrides)))
 
 
 @dataclass
