@@ -1,108 +1,265 @@
-"""The README's main command on the embedded default: tiny model, synthetic speech, CPU.
+"""The README's main command: the whole pipeline, for real, at toy size on CPU.
 
-    python -m speechlm.demo [--workdir runs/demo] [--iters N]
+    python -m speechlm.demo [--workdir runs/demo] [--s3]
 
-What it runs today (every stage is the project's own production code path):
-  1. a tiny random Llama-3.2-architecture model with the real Llama-3 tokenizer,
-  2. vocabulary expansion to the speech vocabulary (conversion/expand_vocab.py),
-  3. a synthetic "codec" dataset (each word has a fixed run of codes) written as a Megatron
-     indexed dataset of audio-only documents in the token layout's format,
-  4. Megatron-Bridge pretraining on 2 processes (recipes/smoke.yaml), with validation and a
-     torch_dist checkpoint,
-and prints the training/validation losses. Stages already built are reused on a re-run.
+Every stage is a command of this repository run as on a cluster (same entry points, same code
+paths); only the sizes are tiny. Under --workdir:
+  1  base/          a random Llama-3.2-architecture model (hidden 64, 4 layers) + the real Llama-3 tokenizer
+  2  expanded/      conversion/expand_vocab.py: + 65,536 codec tokens (193,792 rows)
+  3  ckpt/base/     conversion/hf_to_megatron.py
+  4  raw/           a synthetic learnable codec (speechlm.synthetic_codec) as WebDataset shards:
+                    TTS pairs, unpaired speech, a text corpus, held-out sentences
+                    (--s3: served to the next stage from a local S3 endpoint)
+  5  data/          data_prep/build_speech.py (tts, audio) and data_prep/build_text.py
+  6  data/blend.yaml  data_prep/plan_mix.py with recipes/data/demo_mix.yaml
+  7  ckpt/pretrain/ speechlm.train on 2 processes, recipes/demo_pretrain.yaml
+  8  ckpt/sft/      speechlm.train (SFT), recipes/demo_sft.yaml
+  9  export/        conversion/megatron_to_hf.py --verify
+  10 synth/         python -m speechlm.synthesize on the held-out sentences (greedy)
+  11 report.md / report.json: losses, validation loss per set, speech-token accuracy
+
+Full logs of each stage are in <workdir>/logs/. A re-run reuses every finished stage (training
+resumes from its last checkpoint); delete a stage's directory to redo it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
-
-from speechlm import tiny
-from speechlm.blend_file import Blend
-from speechlm.token_layout import TokenLayout
+from speechlm import synthetic_codec, tiny
 
 REPO = Path(__file__).resolve().parent.parent
+# The demo's data sizes (training settings live in recipes/demo_*.yaml).
+DATA_SIZES = dict(tts_per_language=3000, audio_per_language=1000, text_paragraphs_per_language=60,
+                  heldout_per_language=40)
+MODEL = dict(hidden_size=64, num_layers=4)  # layers are cheap next to the 193,792-row output layer
+SEQ_LENGTH = 128  # = recipes/demo_*.yaml dataset.seq_length
+ACCURACY_GOAL = 0.90
+TRAIN_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+).*?per iteration \(ms\): ([0-9.]+).*?lm loss: ([0-9.E+-]+)")
 
 
-def step(title: str) -> None:
-    print(f"\n=== {title}", flush=True)
+class StopDemo(Exception):
+    """--stop-after reached."""
 
 
-def synthetic_speech_dataset(prefix: Path, layout: TokenLayout, n_docs: int = 2000, seed: int = 0) -> None:
-    """Audio-only documents of a learnable synthetic codec: 40 'words', each a fixed run of
-    3-6 codes; an utterance is 3-8 words. The model can only lower its loss by learning the runs."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+class Demo:
+    def __init__(self, work: Path, s3: bool, stop_after: int = 11):
+        self.work, self.s3, self.stop_after = work, s3, stop_after
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.started = time.time()
+        self.n = 0
 
-    words = [np.random.default_rng(0).integers(0, 65_536, size=int(n)) for n in np.random.default_rng(1).integers(3, 7, 40)]
-    rng = np.random.default_rng(seed)  # the same words for every split; utterances differ by seed
-    tmp = prefix.with_name(prefix.name + ".partial")
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=np.int32)
-    for _ in range(n_docs):
-        codes = np.concatenate([words[i] for i in rng.integers(0, len(words), size=int(rng.integers(3, 9)))])
-        doc = layout.audio_document(codes)
-        builder.add_document(doc, [len(doc)])
-    builder.finalize(f"{tmp}.idx")
-    for ext in (".bin", ".idx"):  # .idx last: a prefix with an .idx is complete
-        Path(f"{tmp}{ext}").rename(f"{prefix}{ext}")
+    def stage(self, title: str, output: Path, done: bool) -> bool:
+        """Print the stage header; True when the stage must run."""
+        self.n += 1
+        if self.n > self.stop_after:
+            raise StopDemo
+        state = "reused" if done else "running"
+        print(f"\n=== {self.n}/11 {title} -> {output.relative_to(self.work) if output.is_relative_to(self.work) else output}"
+              f"  [{state}, {time.time() - self.started:.0f}s]", flush=True)
+        return not done
+
+    def run(self, name: str, cmd: list[str], show=lambda line: False) -> Path:
+        """Run one command of the repository; its whole output goes to logs/<name>.log, the lines
+        `show` accepts (or rewrites, when it returns a string) to the terminal."""
+        log = self.logs / f"{name}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for line in proc.stdout:
+                out.write(line)
+                shown = show(line)
+                if shown:
+                    print("  " + (shown if isinstance(shown, str) else line.rstrip()), flush=True)
+        if proc.wait() != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+            sys.exit(f"{tail}\nstage {name} failed (exit {proc.returncode}); full log: {log}")
+        return log
 
 
-def main(argv: list[str] | None = None) -> None:
+def training_line(line: str) -> str | bool:
+    if m := TRAIN_LINE.search(line):
+        it, total = int(m[1]), int(m[2])
+        if it == 1 or it % 10 == 0 or it == total:
+            return f"iteration {it}/{total}  loss {float(m[4]):.3f}  ({float(m[3]):.0f} ms/it)"
+        return False
+    return bool(re.search(r"validation .*at iteration|saved checkpoint", line))
+
+
+def finished_iterations(ckpt: Path) -> int:
+    tracker = ckpt / "latest_checkpointed_iteration.txt"
+    return int(tracker.read_text().strip()) if tracker.is_file() else 0
+
+
+def recipe_iters(recipe: str) -> int:
+    from speechlm.recipe import load_recipe
+
+    return int(load_recipe(REPO / "recipes" / recipe).train.train_iters)
+
+
+def serve_from_s3(raw: Path, stack: ExitStack, env: dict) -> str:
+    """Upload raw/ to a bucket of a local S3 endpoint (moto) for this run; returns s3://bucket."""
+    from moto.server import ThreadedMotoServer
+
+    import boto3
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    stack.callback(server.stop)
+    host, port = server.get_host_and_port()
+    # What a user sets for R2 (dummy keys: moto checks none).
+    env.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo",
+               AWS_DEFAULT_REGION="us-east-1")
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="demo", aws_secret_access_key="demo")
+    client.create_bucket(Bucket="demo")
+    for path in sorted(raw.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), "demo", path.relative_to(raw).as_posix())
+    print(f"  serving {raw} as s3://demo/ from {env['AWS_ENDPOINT_URL']}", flush=True)
+    return "s3://demo"
+
+
+def read_losses(log: Path) -> dict:
+    text = log.read_text()
+    train = [float(v) for v in re.findall(r"iteration\s+\d+/.*?\| lm loss: ([0-9.E+-]+)", text)]
+    valid: dict[str, float] = {}
+    for name, loss in re.findall(r"validation (\S+) at iteration \d+ \| lm loss: ([0-9.E+-]+)", text):
+        valid[name] = float(loss)  # the last evaluation wins
+    return {"train_first": train[0] if train else None, "train_last": train[-1] if train else None, "validation": valid}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m speechlm.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"), help="where every stage writes (default: runs/demo)")
-    parser.add_argument("--iters", type=int, default=40, help="pretraining iterations (default 40)")
+    parser.add_argument("--s3", action="store_true", help="read the raw shards through a local S3 endpoint (moto)")
+    parser.add_argument("--stop-after", type=int, default=11, metavar="N", choices=range(1, 12),
+                        help="stop after stage N (1-11; e.g. 6: data and mixture only)")
     args = parser.parse_args(argv)
     work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    demo = Demo(work, args.s3, args.stop_after)
+    try:
+        return run_pipeline(demo, args)
+    except StopDemo:
+        print(f"\nstopped after stage {args.stop_after} (--stop-after) in {time.time() - demo.started:.0f}s", flush=True)
+        return 0
 
-    base, expanded = work / "tiny-llama32", work / "tiny-llama32-speech"
-    step(f"1/4 tiny Llama-3.2 model -> {base}")
-    if not (base / "config.json").is_file():
-        tiny.make_tiny_llama(base)
-    step(f"2/4 vocabulary expansion -> {expanded}")
-    if not (expanded / "token_layout.json").is_file():
-        subprocess.run([sys.executable, str(REPO / "conversion" / "expand_vocab.py"), "--input", str(base),
-                        "--output", str(expanded)], check=True)
-    layout = TokenLayout.load(expanded)
+
+def run_pipeline(demo: Demo, args: argparse.Namespace) -> int:
+    work = demo.work
+    py = sys.executable
+    print(f"speechlm demo in {work} (logs in {demo.logs})", flush=True)
+
+    base, expanded = work / "base", work / "expanded"
+    if demo.stage("tiny Llama-3.2 model with the real Llama-3 tokenizer", base, (base / "config.json").is_file()):
+        partial = work / ".base.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        tiny.make_tiny_llama(partial, **MODEL)
+        partial.rename(base)
+    if demo.stage("vocabulary expansion", expanded, (expanded / "token_layout.json").is_file()):
+        demo.run("expand_vocab", [py, "conversion/expand_vocab.py", "--input", str(base), "--output", str(expanded)],
+                 show=lambda line: "rows" in line or "wrote" in line.lower())
+
+    base_ckpt = work / "ckpt" / "base"
+    if demo.stage("HF -> Megatron", base_ckpt, base_ckpt.is_dir()):
+        demo.run("hf_to_megatron", [py, "conversion/hf_to_megatron.py", "--input", str(expanded), "--output", str(base_ckpt)])
+
+    raw = work / "raw"
+    if demo.stage("synthetic codec data (WebDataset shards, text corpus, held-out sentences)", raw, (raw / "done.json").is_file()):
+        counts = synthetic_codec.write_dataset(synthetic_codec.SyntheticCodec(), raw, **DATA_SIZES)
+        print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
 
     data = work / "data"
-    train, valid, blend = data / "audio_synthetic_train", data / "audio_synthetic_valid", data / "blend.yaml"
-    step(f"3/4 synthetic speech dataset -> {data}")
-    if not blend.is_file():
-        data.mkdir(parents=True, exist_ok=True)
-        synthetic_speech_dataset(train, layout, n_docs=2000, seed=0)
-        synthetic_speech_dataset(valid, layout, n_docs=100, seed=1)
-        Blend(layout_hash=layout.layout_hash, train_prefixes=[str(train)], train_weights=[1.0],
-              validation={"audio/synthetic": str(valid)}).write(blend)
+    builds = {"tts": data / "tts", "audio": data / "audio", "text": data / "text"}
+    with ExitStack() as stack:
+        if demo.stage("speech and text data prep", data, all((d / "manifest.json").is_file() for d in builds.values())):
+            source = serve_from_s3(raw, stack, demo.env) if args.s3 else str(raw)
+            for kind in ("tts", "audio"):
+                n = len(list((raw / kind).glob("shard-*.tar")))
+                spec = f"{source}/{kind}/shard-{{000000..{n - 1:06d}}}.tar"
+                demo.run(f"build_{kind}", [py, "data_prep/build_speech.py", "--input", spec, "--model", str(expanded),
+                                           "--output", str(builds[kind]), "--kind", kind, "--seq-length", str(SEQ_LENGTH),
+                                           "--valid-fraction", "0.02"],
+                         show=lambda line: "wrote" in line or "skipped" in line)
+            demo.run("build_text", [py, "data_prep/build_text.py", "--input", f"{source}/text/corpus.jsonl",
+                                    "--model", str(expanded), "--output", str(builds["text"]), "--source", "synthetic",
+                                    "--seq-length", str(SEQ_LENGTH), "--valid-fraction", "0.05"],
+                     show=lambda line: "wrote" in line or "skipped" in line)
 
-    ckpt = work / "checkpoints"
-    step(f"4/4 Megatron-Bridge pretraining on 2 processes -> {ckpt}")
-    log = work / "pretrain.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "speechlm.train", "--config", str(REPO / "recipes" / "smoke.yaml"),
-           f"speechlm.hf_model={expanded}", f"speechlm.blend={blend}", f"checkpoint.save={ckpt}",
-           f"train.train_iters={args.iters}", "validation.eval_interval=20"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            out.write(line)
-            if m := re.search(r"iteration\s+(\d+)/\s*(\d+).*?per iteration \(ms\): ([0-9.]+).*?lm loss: ([0-9.E+-]+)", line):
-                print(f"  iteration {m[1]}/{m[2]}  loss {float(m[4]):.3f}  ({float(m[3]):.0f} ms)", flush=True)
-            elif re.search(r"validation .*at iteration|saved checkpoint", line):
-                print("  " + line.strip(), flush=True)
-    if proc.wait() != 0:
-        sys.exit(f"pretraining failed (exit {proc.returncode}); full log: {log}")
-    losses = [float(v) for v in re.findall(r"\| lm loss: ([0-9.E+-]+)", log.read_text())]
-    print(f"\ndone in {time.time() - started:.0f}s: training loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
-          f"checkpoints in {ckpt}, log in {log}")
+    blend = data / "blend.yaml"
+    if demo.stage("mixture plan", blend, blend.is_file()):
+        demo.run("plan_mix", [py, "data_prep/plan_mix.py", "--manifests", *map(str, builds.values()),
+                              "--config", "recipes/data/demo_mix.yaml", "--output", str(blend)],
+                 show=lambda line: line.startswith("|") or "epochs" in line)
+
+    torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "speechlm.train"]
+    pt, sft = work / "ckpt" / "pretrain", work / "ckpt" / "sft"
+    if demo.stage("pretraining (Megatron-Bridge, 2 processes)", pt, finished_iterations(pt) >= recipe_iters("demo_pretrain.yaml")):
+        demo.run("pretrain", torchrun + ["--config", "recipes/demo_pretrain.yaml", f"speechlm.hf_model={expanded}",
+                                         f"speechlm.blend={blend}", f"checkpoint.save={pt}",
+                                         f"checkpoint.pretrained_checkpoint={base_ckpt}"], show=training_line)
+    if demo.stage("SFT (text-to-speech pairs)", sft, finished_iterations(sft) >= recipe_iters("demo_sft.yaml")):
+        demo.run("sft", torchrun + ["--config", "recipes/demo_sft.yaml", f"speechlm.hf_model={expanded}",
+                                    f"speechlm.blend={blend}", f"checkpoint.save={sft}",
+                                    f"checkpoint.pretrained_checkpoint={pt}"], show=training_line)
+
+    export = work / "export"
+    if demo.stage("Megatron -> HF export", export, (export / "config.json").is_file()):
+        demo.run("megatron_to_hf", [py, "conversion/megatron_to_hf.py", "--input", str(sft), "--output", str(export),
+                                    "--dtype", "fp32", "--verify"], show=lambda line: "verif" in line.lower())
+
+    synth = work / "synth"
+    demo.stage("speak the held-out sentences (transformers, greedy)", synth, False)
+    demo.run("synthesize", [py, "-m", "speechlm.synthesize", "--model", str(export), "--batch", str(raw / "heldout.jsonl"),
+                            "--out", str(synth), "--temperature", "0"], show=lambda line: line.startswith("total"))
+
+    demo.stage("report", work / "report.md", False)
+    report = make_report(work, raw, synth)
+    print(report["markdown"], flush=True)
+    print(f"done in {time.time() - demo.started:.0f}s; report: {work / 'report.md'}", flush=True)
+    return 0 if report["accuracy"] >= ACCURACY_GOAL else 1
+
+
+def make_report(work: Path, raw: Path, synth: Path) -> dict:
+    import numpy as np
+
+    expected = json.loads((raw / "heldout_codes.json").read_text())
+    generated = {k: np.load(synth / f"{k}.npy").tolist() for k in expected if (synth / f"{k}.npy").is_file()}
+    overall = synthetic_codec.token_accuracy(expected, generated)
+    by_language = {}
+    for lang in sorted({k.split("-")[0] for k in expected}):
+        subset = {k: v for k, v in expected.items() if k.split("-")[0] == lang}
+        by_language[lang] = synthetic_codec.token_accuracy(subset, generated)
+    losses = {name: read_losses(work / "logs" / f"{name}.log") for name in ("pretrain", "sft")
+              if (work / "logs" / f"{name}.log").is_file()}
+    lines = ["# speechlm demo report", "",
+             f"Held-out sentences: {overall['items']} (new combinations of known words; chance per code 1/65,536)", "",
+             f"**Speech-token accuracy: {overall['accuracy']:.1%}** (goal {ACCURACY_GOAL:.0%}); "
+             f"sentences exactly right: {overall['exact_sentences']:.1%}", "",
+             "| language | accuracy | exact sentences |", "|---|---|---|"]
+    lines += [f"| {lang} | {r['accuracy']:.1%} | {r['exact_sentences']:.1%} |" for lang, r in by_language.items()]
+    lines += ["", "| stage | first training loss | last training loss |", "|---|---|---|"]
+    lines += [f"| {name} | {v['train_first']:.3f} | {v['train_last']:.3f} |" for name, v in losses.items() if v["train_first"]]
+    lines += ["", "| validation set (last evaluation) | stage | lm loss |", "|---|---|---|"]
+    lines += [f"| {s} | {name} | {loss:.3f} |" for name, v in losses.items() for s, loss in sorted(v["validation"].items())]
+    result = {"accuracy": overall["accuracy"], "exact_sentences": overall["exact_sentences"], "items": overall["items"],
+              "by_language": by_language, "losses": losses, "goal": ACCURACY_GOAL}
+    markdown = "\n".join(lines) + "\n"
+    (work / "report.json").write_text(json.dumps(result, indent=1))
+    (work / "report.md").write_text(markdown)
+    return {**result, "markdown": markdown}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

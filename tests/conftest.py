@@ -6,6 +6,10 @@ Expensive artefacts are built once per test session under one temporary root.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -117,3 +121,21 @@ def synthetic_blend(expanded_tiny_dir, tmp_path_factory) -> Path:
 
 # --- S3: a moto server on loopback, shared by every test that needs an S3/R2 endpoint ---------
 from s3_fixtures import s3_server  # noqa: E402,F401  (tests/ is on sys.path: rootdir conftest)
+
+
+# --- the end-to-end demo: run once per session, shared by test_demo and test_synthesize --------
+@dataclass
+class DemoRun:
+    work: Path
+    proc: subprocess.CompletedProcess
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """The README's main command (`python -m speechlm.demo`), defaults only, in a fresh work dir."""
+    work = tmp_path_factory.mktemp("demo")
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "speechlm.demo", "--workdir", str(work)], cwd=REPO,
+                          capture_output=True, text=True, timeout=2400)
+    return DemoRun(work, proc, time.time() - started)
