@@ -222,7 +222,7 @@ def run_pipeline(demo: Demo, args: argparse.Namespace) -> int:
     synth = work / "synth"
     demo.stage("speak the held-out sentences (transformers, greedy)", synth, False)
     demo.run("synthesize", [py, "-m", "speechlm.synthesize", "--model", str(export), "--batch", str(raw / "heldout.jsonl"),
-                            "--out", str(synth), "--temperature", "0"], show=lambda line: line.startswith("total"))
+                            "--out", str(synth), "--temperature", "0"], show=lambda line: line.startswith(("total", "resuming")))
 
     demo.stage("report", work / "report.md", False)
     report = make_report(work, raw, synth)
