@@ -52,8 +52,8 @@ class StopDemo(Exception):
 
 
 class Demo:
-    def __init__(self, work: Path, s3: bool, stop_after: int = 11):
-        self.work, self.s3, self.stop_after = work, s3, stop_after
+    def __init__(self, work: Path, stop_after: int = 11):
+        self.work, self.stop_after = work, stop_after
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -132,7 +132,7 @@ def serve_from_s3(raw: Path, stack: ExitStack, env: dict) -> str:
 
 def read_losses(log: Path) -> dict:
     text = log.read_text()
-    train = [float(v) for v in re.findall(r"iteration\s+\d+/.*?\| lm loss: ([0-9.E+-]+)", text)]
+    train = [float(m[4]) for m in TRAIN_LINE.finditer(text)]
     valid: dict[str, float] = {}
     for name, loss in re.findall(r"validation (\S+) at iteration \d+ \| lm loss: ([0-9.E+-]+)", text):
         valid[name] = float(loss)  # the last evaluation wins
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop after stage N (1-11; e.g. 6: data and mixture only)")
     args = parser.parse_args(argv)
     work = Path(args.workdir).resolve()
-    demo = Demo(work, args.s3, args.stop_after)
+    demo = Demo(work, args.stop_after)
     try:
         return run_pipeline(demo, args)
     except StopDemo:

@@ -40,8 +40,6 @@ import numpy as np
 from speechlm import token_layout as tl
 from speechlm.token_layout import TokenLayout
 
-SAMPLE_RATE = 16_000
-SAMPLES_PER_CODE = SAMPLE_RATE // tl.CODES_PER_SECOND  # 320: XCodec2 decodes 50 codes a second
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_CODES_PER_CHAR = 10.0  # ~4 codes a character in read speech (50 codes/s, ~13 chars/s): 2.5x room
 MIN_NEW_TOKENS = 32
@@ -161,15 +159,14 @@ class Synthesizer:
         for row, p in enumerate(prompts):
             ids[row, width - len(p):] = torch.from_numpy(p.astype(np.int64))
             mask[row, width - len(p):] = 1
-        budget = max(self.max_new_tokens(it, len(p), codes_per_char, max_new_tokens) for it, p in zip(items, prompts))
+        limits = [self.max_new_tokens(it, len(p), codes_per_char, max_new_tokens) for it, p in zip(items, prompts)]
         torch.manual_seed(sampling.seed)
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      max_new_tokens=budget, eos_token_id=self.layout.speech_end_id, pad_token_id=pad,
+                                      max_new_tokens=max(limits), eos_token_id=self.layout.speech_end_id, pad_token_id=pad,
                                       **sampling.generate_kwargs())
         results = []
-        for row, (it, p) in enumerate(zip(items, prompts)):
-            limit = self.max_new_tokens(it, len(p), codes_per_char, max_new_tokens)
+        for row, (p, limit) in enumerate(zip(prompts, limits)):
             new = out[row, width:].cpu().numpy()[:limit]
             results.append({"prompt": p, **split_generated(new, self.layout)})
         return results
@@ -191,6 +188,7 @@ def split_generated(new_ids: np.ndarray, layout: TokenLayout) -> dict:
 
 def write_wav(path: Path, samples: np.ndarray) -> None:
     """16-bit mono PCM at 16 kHz (stdlib wave: no audio dependency)."""
+    from speechlm.xcodec2_decoder import SAMPLE_RATE
     pcm = (np.clip(np.asarray(samples, np.float32), -1.0, 1.0) * 32767).astype("<i2")
     tmp = path.with_name(path.name + ".partial")
     with wave.open(str(tmp), "wb") as w:
