@@ -24,10 +24,16 @@ _GPU_ONLY_FUSIONS = (
 )
 
 
-def adapt_provider(provider) -> None:
+def gpu_mode(gpu: bool | None = None) -> bool:
+    """Whether a configuration is built for the GPU path: `gpu` when given (e.g. to print or compare
+    the GPU configuration on a CPU machine, without building a model), else this machine's mode."""
+    return not CPU_MODE if gpu is None else gpu
+
+
+def adapt_provider(provider, gpu: bool | None = None) -> None:
     """Make a Bridge `GPTModelProvider` buildable here: TE layer spec on GPU (Bridge's default),
     megatron-core's local spec and no fused kernels on CPU."""
-    if not CPU_MODE:
+    if gpu_mode(gpu):
         return
     from megatron.bridge.models.gpt_provider import local_layer_spec
 
@@ -37,8 +43,8 @@ def adapt_provider(provider) -> None:
         setattr(provider, name, False)
 
 
-def distributed_backend() -> str:
-    return "gloo" if CPU_MODE else "nccl"
+def distributed_backend(gpu: bool | None = None) -> str:
+    return "nccl" if gpu_mode(gpu) else "gloo"
 
 
 def init_single_process_env() -> None:

@@ -59,8 +59,11 @@ class Plan:
         return self.tokens_per_step * self.train_iters
 
 
-def build_config(recipe: DictConfig, world_size: int):
-    """A Bridge ConfigContainer (Bridge's pretraining defaults, then the recipe), plus its Plan."""
+def build_config(recipe: DictConfig, world_size: int, *, gpu: bool | None = None):
+    """A Bridge ConfigContainer (Bridge's pretraining defaults, then the recipe), plus its Plan.
+
+    `gpu` builds the configuration of the GPU path (TE layer spec, fused kernels, NCCL) or of the
+    CPU path whatever this machine is (default: this machine's); no model is built here."""
     from megatron.bridge import AutoBridge
     from megatron.bridge.recipes.common import _pretrain_common
     from megatron.bridge.training.utils.omegaconf_utils import apply_overrides, create_omegaconf_dict_config
@@ -76,11 +79,11 @@ def build_config(recipe: DictConfig, world_size: int):
     # The architecture comes from the HF config; weights from checkpoint.pretrained_checkpoint
     # (a converted model) or checkpoint.load (resume).
     cfg.model = AutoBridge.from_hf_pretrained(hf_model).to_megatron_provider(load_weights=False)
-    megatron_env.adapt_provider(cfg.model)
+    megatron_env.adapt_provider(cfg.model, gpu)
     cfg.tokenizer.tokenizer_model = str(hf_model)
     # Keep the model's vocabulary (193,792 after expansion): Bridge would re-derive it from the tokenizer.
     cfg.tokenizer.use_tokenizer_vocab_size = False
-    cfg.dist.distributed_backend = megatron_env.distributed_backend()
+    cfg.dist.distributed_backend = megatron_env.distributed_backend(gpu)
     cfg.checkpoint.custom_manager_class = "speechlm.checkpoint_manager.SpeechLMCheckpointManager"
     register_allowed_target_prefix("speechlm.")  # Bridge instantiates only allow-listed classes
 
