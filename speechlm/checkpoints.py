@@ -9,12 +9,18 @@ async on GPU). What Bridge has no setting for:
   (Bridge's `most_recent_k` cannot pin);
 - `provenance.json` in every checkpoint: git commit, package versions, resolved config,
   token-layout, manifest and blend hashes.
+Provenance and retention follow a save once it is durable (`after_durable_save`): at once for a
+synchronous save, at its finalize step for an asynchronous one.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
+
+from speechlm.conversion import TRACKER_FILE  # Megatron's tracker: the checkpoint a resume loads
 
 ITER_DIR = re.compile(r"^iter_(\d{7})$")
 PIN_FILE = "PINNED"  # `touch SAVE_DIR/iter_0050000/PINNED` keeps that checkpoint forever
@@ -46,3 +52,30 @@ def saved_iterations(save_dir: str | Path) -> list[int]:
 
 def pinned_iterations(save_dir: str | Path, configured: list[int]) -> set[int]:
     return set(configured) | {i for i in saved_iterations(save_dir) if (Path(save_dir) / f"iter_{i:07d}" / PIN_FILE).exists()}
+
+
+def tracked_iteration(save_dir: str | Path) -> int | None:
+    """The iteration the tracker names (what a resume loads), or None."""
+    tracker = Path(save_dir) / TRACKER_FILE
+    try:
+        return int(tracker.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def after_durable_save(save_dir: str | Path, step: int, policy: dict | None = None) -> list[int]:
+    """Once the save of `step` is durable (rank 0 only): its provenance.json, then retention over the
+    checkpoints up to `step` (later ones may still be in flight), never deleting `step` or the one the
+    tracker names. Returns the deleted iterations."""
+    policy = POLICY if policy is None else policy
+    save_dir = Path(save_dir)
+    ckpt = save_dir / f"iter_{step:07d}"
+    if ckpt.is_dir():
+        (ckpt / "provenance.json").write_text(json.dumps({"iteration": step, **policy["provenance"]}, indent=2))
+    if not policy["keep_last"]:
+        return []
+    kept = pinned_iterations(save_dir, policy["pinned"]) | {step, tracked_iteration(save_dir)}
+    old = checkpoints_to_delete([i for i in saved_iterations(save_dir) if i <= step], policy["keep_last"], kept)
+    for i in old:
+        shutil.rmtree(save_dir / f"iter_{i:07d}", ignore_errors=True)
+    return old

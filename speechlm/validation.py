@@ -27,46 +27,52 @@ class PerSetValidation(Callback):
         self.forward_step_func = forward_step_func
         self._loaders: dict[str, object] | None = None
 
+    def _dataset(self, cfg, name: str, prefix: str, n_samples: int):
+        """The held-out samples of one set: a copy of the training dataset config reading only this
+        prefix for the valid split (per-split blends bypass `split`; no __post_init__ re-run)."""
+        ds_cfg = copy.copy(cfg.dataset)
+        ds_cfg.blend, ds_cfg.blend_per_split = None, [None, ([prefix], None), None]
+        return BlendedMegatronDatasetBuilder(GPTDataset, [0, n_samples, 0], lambda: True, ds_cfg).build()[1]
+
     def _build_loaders(self, state) -> dict[str, object]:
         from megatron.bridge.data.samplers import build_pretraining_data_loader
 
         cfg = state.cfg
         n_samples = cfg.validation.eval_iters * cfg.validation.eval_global_batch_size
-        on_this_rank = parallel_state.get_tensor_model_parallel_rank() == 0
-        loaders = {}
-        for name, prefix in self.sets.items():
-            if not on_this_rank:  # Bridge broadcasts the batch from TP rank 0
-                loaders[name] = None
-                continue
-            # A copy of the training dataset config reading only this prefix for the valid split
-            # (per-split blends bypass `split`; no __post_init__ re-run).
-            ds_cfg = copy.copy(cfg.dataset)
-            ds_cfg.blend, ds_cfg.blend_per_split = None, [None, ([prefix], None), None]
-            dataset = BlendedMegatronDatasetBuilder(GPTDataset, [0, n_samples, 0], lambda: True, ds_cfg).build()[1]
-            loaders[name] = build_pretraining_data_loader(
-                dataset, 0, "single", cfg.validation.eval_micro_batch_size, 0, cfg.dataset.data_sharding,
-                pin_memory=False, data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        # Every rank gets its own loader, as Bridge builds its own: get_batch reads the iterator on
+        # every rank (TP ranks included), nothing is broadcast.
+        return {
+            name: build_pretraining_data_loader(
+                self._dataset(cfg, name, prefix, n_samples), 0, "single", cfg.validation.eval_micro_batch_size, 0,
+                cfg.dataset.data_sharding, pin_memory=False, data_parallel_rank=parallel_state.get_data_parallel_rank(),
                 data_parallel_size=parallel_state.get_data_parallel_world_size(),
             )
-        return loaders
+            for name, prefix in self.sets.items()
+        }
 
     def on_eval_end(self, context) -> None:
         state = context.state
         if self._loaders is None:
             self._loaders = self._build_loaders(state)
         step = state.train_state.step
-        for name, loader in self._loaders.items():
-            iterator = RerunDataIterator(iter(loader)) if loader is not None else None
-            losses, _, timelimit = evaluate(state, self.forward_step_func, iterator, context.model, None,
-                                            get_model_config(context.model[0]), verbose=False)
-            if timelimit or not losses:
-                continue
-            loss = losses["lm loss"].item()
-            ppl = math.exp(min(20.0, loss))
-            print_rank_last(f" validation {name} at iteration {step} | lm loss: {loss:.6E} | ppl: {ppl:.6E}")
-            for writer in (state.tensorboard_logger,):
-                if writer is not None:
-                    writer.add_scalar(f"validation/{name} lm loss", loss, step)
-                    writer.add_scalar(f"validation/{name} ppl", ppl, step)
-            if state.wandb_logger is not None:
-                state.wandb_logger.log({f"validation/{name} lm loss": loss, f"validation/{name} ppl": ppl}, step)
+        # evaluate() counts what it reads as Bridge's own validation samples; a resumed run starts
+        # Bridge's validation loader at that count (SFT's is not cyclic and would run dry), so the
+        # per-set passes leave the counter as Bridge's evaluation left it.
+        consumed = state.train_state.consumed_valid_samples
+        try:
+            for name, loader in self._loaders.items():
+                losses, _, timelimit = evaluate(state, self.forward_step_func, RerunDataIterator(iter(loader)),
+                                                context.model, None, get_model_config(context.model[0]), verbose=False)
+                if timelimit or not losses:
+                    continue
+                loss = losses["lm loss"].item()
+                ppl = math.exp(min(20.0, loss))
+                print_rank_last(f" validation {name} at iteration {step} | lm loss: {loss:.6E} | ppl: {ppl:.6E}")
+                for writer in (state.tensorboard_logger,):
+                    if writer is not None:
+                        writer.add_scalar(f"validation/{name} lm loss", loss, step)
+                        writer.add_scalar(f"validation/{name} ppl", ppl, step)
+                if state.wandb_logger is not None:
+                    state.wandb_logger.log({f"validation/{name} lm loss": loss, f"validation/{name} ppl": ppl}, step)
+        finally:
+            state.train_state.consumed_valid_samples = consumed
