@@ -11,9 +11,12 @@ Text: one field (--text-field, default text) or a template over several fields
 (--template aya = "{inputs}\\n\\n{targets}", Aya's prompt and response; or any "{a} ... {b}").
 Language: --language-field (codes or names: hi, hin, Hindi, hin_Deva, hi-IN), else the fixed
 --language. Records in other languages are skipped and counted.
-Quality filters (long-form text; see docs/mixture.md): --min-chars, --min-letter-share,
---max-repeated-lines, --max-boilerplate-lines; --no-filters turns them all off. With a
---template the length and repeated-line filters default to off (pairs are short).
+Quality filters (see docs/mixture.md): --preset web (long-form text: at least 200 characters,
+letter share 0.7, repeated lines 0.3, boilerplate lines 0.2) or --preset instruction
+(prompt/response pairs such as Aya: no length or repeated-line rule, letter share 0.5,
+boilerplate 0.2); the default is instruction with a --template, else web. --min-chars,
+--min-letter-share, --max-repeated-lines, --max-boilerplate-lines override single values of the
+preset; --no-filters turns them all off.
 
 Parallel and resumable like build_speech.py: --num-tasks/--task-index (default SLURM array
 variables) split the sorted input files round-robin; a finished file is kept under
@@ -24,12 +27,15 @@ Examples:
   build_text.py --input 's3://corpora/sangraha/hi/*.parquet' --model ckpt/llama3-speech \\
       --output data/text/sangraha --source sangraha --language hi
   build_text.py --input aya/train.parquet --model ckpt/llama3-speech --output data/text/aya \\
-      --source aya --template aya --language-field language
+      --source aya --template aya --language-field language     (--preset instruction implied)
+  build_text.py --input pairs.jsonl --model ckpt/llama3-speech --output data/text/pairs \\
+      --source pairs --preset instruction                       (pairs rendered into one field)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -56,11 +62,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--template", help="'aya' or a format string over fields, e.g. '{inputs}\\n\\n{targets}'")
     g.add_argument("--language-field", default="language", help="field holding the language; '' for none (default language)")
     g.add_argument("--language", help="language of records without a language field value")
-    g = ap.add_argument_group("quality filters")
-    g.add_argument("--min-chars", type=int, help="fewest characters (default 200; 0 with --template)")
-    g.add_argument("--min-letter-share", type=float, default=0.7, help="least share of letters among non-space chars (default 0.7)")
-    g.add_argument("--max-repeated-lines", type=float, help="most share of lines repeating an earlier one (default 0.3; off with --template)")
-    g.add_argument("--max-boilerplate-lines", type=float, default=0.2, help="most share of lines with a boilerplate phrase (default 0.2)")
+    g = ap.add_argument_group("quality filters (each flag overrides one value of the preset)")
+    g.add_argument("--preset", choices=("web", "instruction"),
+                   help="filter settings: web (long-form text) or instruction (prompt/response pairs); "
+                        "default instruction with --template, else web")
+    g.add_argument("--min-chars", type=int, help="fewest characters (web 200, instruction 0 = off)")
+    g.add_argument("--min-letter-share", type=float, help="least share of letters among non-space chars (web 0.7, instruction 0.5)")
+    g.add_argument("--max-repeated-lines", type=float, help="most share of lines repeating an earlier one (web 0.3, instruction off; 1 = off)")
+    g.add_argument("--max-boilerplate-lines", type=float, help="most share of lines with a boilerplate phrase (both 0.2; 1 = off)")
     g.add_argument("--no-filters", action="store_true", help="turn every quality filter off")
     g = ap.add_argument_group("parallelism")
     g.add_argument("--num-tasks", type=int, default=_env_int("SLURM_ARRAY_TASK_COUNT", 1), help="tasks sharing the files (default SLURM_ARRAY_TASK_COUNT or 1)")
@@ -95,13 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_filters:
             filters = text.Filters(0, 0.0, None, None)
         else:
-            short = args.template is not None  # prompt/response pairs: short by nature
-            filters = text.Filters(
-                args.min_chars if args.min_chars is not None else (0 if short else 200),
-                args.min_letter_share,
-                args.max_repeated_lines if args.max_repeated_lines is not None else (None if short else 0.3),
-                args.max_boilerplate_lines,
-            )
+            preset = args.preset or ("instruction" if args.template is not None else "web")
+            flags = dict(min_chars=args.min_chars, min_letter_share=args.min_letter_share,
+                         max_repeated_line_share=args.max_repeated_lines, max_boilerplate_line_share=args.max_boilerplate_lines)
+            filters = dataclasses.replace(text.FILTER_PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
         template = args.template
         if template is not None:  # a shell cannot easily pass a newline: accept \n and \t
             template = template.replace("\\n", "\n").replace("\\t", "\t")

@@ -53,9 +53,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _EMBED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-# --verify tolerances on the max abs logit difference, Megatron (checkpoint dtype, fp32 compute on
-# CPU) vs the exported HF model. fp32: the two implementations differ only in operation order
-# (measured ~5e-7 on the tiny model), 1e-4 leaves room for depth and width. bf16: the export
+# --verify tolerances on the max abs logit difference, Megatron (checkpoint dtype; fp32 compute on
+# CPU, TE kernels on a GPU) vs the exported HF model on the same device. fp32: the two
+# implementations differ only in operation order (measured ~5e-7 on the tiny model), 1e-4 leaves room for depth and width. bf16: the export
 # rounds every weight to bf16 and HF computes in bf16; measured 2.6e-2 at logits of ~4 (tiny model
 # trained in fp32) and 1.2e-3 on the bf16 1B-shaped benchmark model; a broken export (wrong, transposed or shifted rows) gives errors of the
 # order of the logits themselves, so 0.1 separates the two. Both are scaled by max(1, max |logit|).
@@ -497,6 +497,13 @@ def verify_batch(layout: TokenLayout, seq_length: int = 64, batch: int = 2) -> t
     return torch.tensor(rows, dtype=torch.long)
 
 
+def _verify_device() -> torch.device:
+    """Where --verify runs both models: this rank's GPU on the GPU path (TE layers), else the CPU."""
+    if _megatron_env().CPU_MODE:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def megatron_logits(model, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Full-vocabulary logits of a single-rank Megatron GPT model, as fp32 on the CPU."""
     device = next(model.parameters()).device
@@ -612,11 +619,17 @@ def megatron_to_hf(
                 shutil.copyfile(p, tmp / p.name)
         summary = ExportSummary(out, root, it, layout.layout_hash, dtype, stripped, tied)
         if verify:
+            # On a GPU machine the model has TE layers, which do not run on the CPU it was loaded on.
+            device = _verify_device()
             ids = verify_batch(layout)
-            ref = megatron_logits(model[0].eval(), ids, layout.vocab_size)
-            exported = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).eval()
+            ref = megatron_logits(model[0].to(device).eval(), ids, layout.vocab_size)
+            del model  # not needed past here: frees its (GPU) memory for the HF model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            exported = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).to(device).eval()
             with torch.no_grad():
-                got = exported(ids).logits.float()
+                got = exported(ids.to(device)).logits.float().cpu()
+            del exported
             scale = max(1.0, ref.abs().max().item())
             diff = (got - ref).abs().max().item()
             summary.verify = dict(

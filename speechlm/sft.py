@@ -26,7 +26,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from speechlm import blend_file  # noqa: E402
 from speechlm.sft_data import PackedTTSDataset  # noqa: E402
-from speechlm.token_layout import TokenLayout  # noqa: E402
+from speechlm.token_layout import LayoutMismatchError, TokenLayout  # noqa: E402
 from speechlm.validation import PerSetValidation  # noqa: E402
 
 KIND = "tts"
@@ -122,7 +122,27 @@ def finish_config(cfg, ours: dict, hf_model: str, blend) -> tuple[list[str], lis
     if not cfg.checkpoint.pretrained_checkpoint:
         problems.append("SFT starts from a pretraining checkpoint: set checkpoint.pretrained_checkpoint "
                         "(a pretraining save directory, one of its iter_* directories, or an HF model directory)")
+    else:
+        problems += pretraining_layout_problems(cfg.checkpoint.pretrained_checkpoint, hf_model)
     return problems, [w for w in [lr_warning(cfg, ours)] if w]
+
+
+def pretraining_layout_problems(pretrained_checkpoint: str, hf_model: str) -> list[str]:
+    """A pretraining checkpoint's token layout (`layout_hash` in its provenance.json) must be the
+    model's: its rows mean those token ids. (A converted model's token_layout.json is checked by
+    speechlm.train for both modes.)"""
+    it = _iteration_dir(Path(pretrained_checkpoint))
+    provenance = it / "provenance.json" if it is not None else None
+    if provenance is None or not provenance.is_file() or not (Path(hf_model) / "token_layout.json").is_file():
+        return []
+    recorded = json.loads(provenance.read_text()).get("layout_hash")
+    if not recorded:
+        return []
+    try:
+        TokenLayout.load(hf_model).check_compatible(recorded, f"pretrained checkpoint {it} ({provenance.name})")
+    except LayoutMismatchError as e:
+        return [f"{e} (model {hf_model})"]
+    return []
 
 
 # --- the pretraining run's final LR --------------------------------------------------------------
@@ -186,24 +206,8 @@ def warn(messages: list[str]) -> None:
 class PackedPerSetValidation(PerSetValidation):
     """speechlm.validation's per-set callback, each set read as packed TTS pairs."""
 
-    def _build_loaders(self, state) -> dict[str, object]:
-        from megatron.bridge.data.samplers import build_pretraining_data_loader
-        from megatron.core import parallel_state
-
-        cfg = state.cfg
-        n_samples = cfg.validation.eval_iters * cfg.validation.eval_global_batch_size
-        loaders = {}
-        for name, prefix in self.sets.items():
-            if parallel_state.get_tensor_model_parallel_rank() != 0:  # Bridge broadcasts from TP rank 0
-                loaders[name] = None
-                continue
-            dataset = cfg.dataset.dataset([prefix], n_samples, name)
-            loaders[name] = build_pretraining_data_loader(
-                dataset, 0, "single", cfg.validation.eval_micro_batch_size, 0, cfg.dataset.data_sharding,
-                pin_memory=False, data_parallel_rank=parallel_state.get_data_parallel_rank(),
-                data_parallel_size=parallel_state.get_data_parallel_world_size(),
-            )
-        return loaders
+    def _dataset(self, cfg, name: str, prefix: str, n_samples: int) -> PackedTTSDataset:
+        return cfg.dataset.dataset([prefix], n_samples, name)
 
 
 def callbacks(blend, forward_step) -> list:

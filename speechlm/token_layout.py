@@ -175,9 +175,14 @@ class TokenLayout:
         return np.concatenate([np.array([BOS_ID], np.int32), _text_ids(text_ids), np.array([EOD_ID], np.int32)])
 
     # --- lengths ------------------------------------------------------------------------------
-    # A document counts every token it has, EOD included. Megatron's GPTDataset packs documents
-    # and a sample is seq_length + 1 tokens (inputs and shifted labels), so a document of at most
-    # seq_length tokens is seen whole, with its EOD as the last target, inside one sample window.
+    # A document counts every token it has, EOD included; the builders keep every document at most
+    # seq_length tokens. That makes a document fit in one sample (seq_length + 1 tokens: inputs and
+    # shifted labels), not land whole in one: Megatron's GPTDataset (core/datasets/gpt_dataset.py,
+    # helpers.cpp build_sample_idx) concatenates an epoch's documents in shuffled order and cuts
+    # that stream every seq_length tokens, so samples start at arbitrary offsets into documents. A
+    # document of L tokens is whole in a sample only when it starts at most seq_length + 1 - L
+    # tokens into one; otherwise it is cut in two and its second part is trained without the first
+    # as context (e.g. codes without their transcript). SFT packing (speechlm.sft_data) keeps pairs whole.
     @property
     def audio_overhead(self) -> int:
         """Tokens of an audio document that are not codes: [tag] start end EOD."""

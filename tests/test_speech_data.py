@@ -178,7 +178,7 @@ def test_gpt_dataset_reads_the_documents(local_shards, expanded_tiny_dir, tmp_pa
     assert (stream == tl.EOD_ID).sum() == len(docs)
 
 
-def test_tts_documents_and_dropping(expanded_tiny_dir, tmp_path):
+def test_tts_documents_and_dropping(expanded_tiny_dir, reference_text_ids, tmp_path):
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(expanded_tiny_dir)
@@ -187,6 +187,7 @@ def test_tts_documents_and_dropping(expanded_tiny_dir, tmp_path):
     samples = make_samples(rng, "t", 30, max_codes=60, text=True)
     samples[3]["json"]["text"] = "I said <|end_of_text|> aloud"  # plain text, not the special id
     samples[4]["json"]["text"] = "   "
+    samples[5]["json"]["text"] = "type <|s_123|> and <|speech_start|>"  # text too, not codes or our specials
     write_shard(tmp_path / "tts-000000.tar", samples)
     out = tmp_path / "out"
     speech.build(str(tmp_path / "tts-000000.tar"), expanded_tiny_dir, out, "tts", seq_length=SEQ,
@@ -197,7 +198,7 @@ def test_tts_documents_and_dropping(expanded_tiny_dir, tmp_path):
         text, lang, codes = s["json"]["text"].strip(), s["json"]["language"], s["codes.npy"]
         if not text:
             continue
-        ids = hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids = reference_text_ids(text)
         if len(codes) > layout.max_codes_per_tts_document(SEQ, len(ids)):
             too_long += 1
             continue
@@ -214,6 +215,31 @@ def test_tts_documents_and_dropping(expanded_tiny_dir, tmp_path):
     assert [hf.decode(t) for t in texts].count("I said <|end_of_text|> aloud") == 1
     assert not any(tl.EOD_ID in t for t in texts)
     assert m["settings"]["tokenizer_sha256"]
+
+
+@pytest.fixture(scope="module")
+def reference_text_ids(llama3_tokenizer_dir):
+    """Text ids by the reference: the unexpanded Llama-3 tokenizer, every special written as text."""
+    from tokenizers import Tokenizer
+
+    ref = Tokenizer.from_file(str(llama3_tokenizer_dir / "tokenizer.json"))
+    ref.encode_special_tokens = True
+    return lambda text: ref.encode(text, add_special_tokens=False).ids
+
+
+# Literal token strings inside text: codec tokens (added, non-special tokens of the expanded
+# tokenizer), our renamed specials, Llama's own specials and a reserved name, next to plain text.
+LITERALS = ["a <|s_123|> b", "<|s_0|><|s_65535|>", "x<|speech_start|>y <|speech_end|> <|pad|>", "<|lang_hi|> नमस्ते",
+            "I said <|end_of_text|> and <|begin_of_text|>", "<|reserved_special_token_3|> <|eot_id|>", "plain words"]
+
+
+def test_text_ids_are_the_unexpanded_tokenizers(expanded_tiny_dir, reference_text_ids):
+    """One text encoding (build_speech transcripts, build_text, synthesis prompts): the ids the
+    original tokenizer gives, whatever token names the text spells out."""
+    _, tok, _ = speech.load_model_dir(expanded_tiny_dir, need_tokenizer=True)
+    got = speech.encode_texts(tok, LITERALS)
+    assert got == [reference_text_ids(t) for t in LITERALS]
+    assert all(i < tl.BOS_ID for ids in got for i in ids)  # no special, speech or layout id
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -461,6 +487,22 @@ def test_inspect_detokenizes_tts(expanded_tiny_dir, tmp_path, capsys):
     assert load_cli("inspect_data").main([str(tmp_path / "o" / "tts_hi_train"), "--model", str(expanded_tiny_dir)]) == 0
     shown = capsys.readouterr().out
     assert f"text: {samples[1]['json']['text']!r}" in shown
+
+
+def test_inputs_that_match_nothing_are_one_line_errors(expanded_tiny_dir, tmp_path, capsys):
+    """A pattern or directory with no shards, or a merge of nothing: one line, exit 2, nothing written."""
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    for spec in (str(tmp_path / "none-*.tar"), str(tmp_path / "empty")):
+        capsys.readouterr()
+        rc = load_cli("build_speech").main(["--input", spec, "--model", str(expanded_tiny_dir), "--output", str(out),
+                                            "--kind", "audio", "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: no shards found") and err.count("\n") == 1, err
+        assert not out.exists()
+    assert load_cli("merge_speech").main(["--output", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and not out.exists(), err
 
 
 def test_cli_help():

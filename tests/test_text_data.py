@@ -4,6 +4,7 @@ of the expanded model and token_layout; datasets are read back with megatron-cor
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -143,6 +144,35 @@ def test_literal_special_token_text_stays_text(expanded_tiny_dir, tmp_path):
     assert doc[0] == TokenLayout.bos_id and doc[-1] == EOD_ID and EOD_ID not in doc[1:-1].tolist()
 
 
+def test_token_strings_in_text_are_text_like_the_original_tokenizer(expanded_tiny_dir, llama3_tokenizer_dir, tmp_path):
+    """Codec-token strings (added tokens of the expanded tokenizer), our specials' and Llama's names
+    in a corpus are text: the ids of the unexpanded tokenizer, and the records after them are kept."""
+    from tokenizers import Tokenizer
+
+    texts = [EN, "a <|s_123|> b <|s_0|><|s_65535|>", "x<|speech_start|>y <|lang_hi|> <|pad|> <|end_of_text|>", HI]
+    f = write_jsonl(tmp_path / "x.jsonl", [{"text": t, "language": "en"} for t in texts])
+    out = tmp_path / "out"
+    m = T.build(str(f), expanded_tiny_dir, out, "web", valid_fraction=0.0, filters=NO_FILTERS, progress=False)["manifest"]
+    assert m["files"]["bad"] == [] and m["skips"] == {}
+    ref = Tokenizer.from_file(str(llama3_tokenizer_dir / "tokenizer.json"))
+    ref.encode_special_tokens = True
+    want = [TokenLayout().text_document(ref.encode(t, add_special_tokens=False).ids) for t in texts]
+    got = read_prefix(out / "web_en_train")
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_inputs_that_match_nothing_are_one_line_errors(expanded_tiny_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    for spec in (str(tmp_path / "none-*.jsonl"), str(tmp_path / "empty")):
+        capsys.readouterr()
+        rc = cli()(["--input", spec, "--model", str(expanded_tiny_dir), "--output", str(out), "--source", "web",
+                    "--language", "en", "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: no input files found") and err.count("\n") == 1, err
+        assert not out.exists()  # nothing written
+
+
 # --- filters -------------------------------------------------------------------------------------
 def test_letter_share_counts_indic_marks():
     for s in (HI, TA):
@@ -240,6 +270,26 @@ def test_aya_template(expanded_tiny_dir, hf_tok, tmp_path, capsys):
         (doc,) = read_prefix(out / f"aya_{lang}_train")
         np.testing.assert_array_equal(doc, layout.text_document(hf_tok(text, add_special_tokens=False)["input_ids"]))
     assert "aya_hi" in capsys.readouterr().out
+
+
+def test_instruction_preset_keeps_short_pairs(expanded_tiny_dir, hf_tok, tmp_path):
+    """Instruction data (an Aya-like pair, here already rendered into one field) has its own filters;
+    the web-text default still drops short snippets."""
+    pair = "2 + 2 कितना होता है?\n\n2 + 2 = 4 होता है।"  # short, and digits lower the letter share
+    snippet = "यहाँ क्लिक करें"
+    f = write_jsonl(tmp_path / "pairs.jsonl", [{"text": pair, "language": "hi"}, {"text": snippet, "language": "hi"}])
+    args = ["--input", str(f), "--model", str(expanded_tiny_dir), "--source", "aya", "--valid-fraction", "0", "--quiet"]
+    assert cli()([*args, "--output", str(tmp_path / "web")]) == 0
+    assert json.loads((tmp_path / "web" / "manifest.json").read_text())["skips"] == {"too_short": 2}
+    assert cli()([*args, "--output", str(tmp_path / "inst"), "--preset", "instruction"]) == 0
+    m = json.loads((tmp_path / "inst" / "manifest.json").read_text())
+    assert m["skips"] == {} and m["settings"]["filters"] == dataclasses.asdict(T.FILTER_PRESETS["instruction"])
+    docs = read_prefix(tmp_path / "inst" / "aya_hi_train")
+    np.testing.assert_array_equal(docs[0], TokenLayout().text_document(hf_tok(pair, add_special_tokens=False)["input_ids"]))
+    assert T.filter_reason(pair, T.Filters()) == "too_short" and T.filter_reason(snippet, T.Filters()) == "too_short"
+    # a flag still overrides the preset's value
+    assert cli()([*args, "--output", str(tmp_path / "inst50"), "--preset", "instruction", "--min-chars", "50"]) == 0
+    assert json.loads((tmp_path / "inst50" / "manifest.json").read_text())["skips"] == {"too_short": 2}
 
 
 def test_fixed_language_and_cli_errors(expanded_tiny_dir, tmp_path, capsys):

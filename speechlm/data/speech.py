@@ -108,7 +108,7 @@ class Settings:
 
 # --- model dir ---------------------------------------------------------------------------------
 def load_model_dir(model_dir: str | Path, need_tokenizer: bool) -> tuple[TokenLayout, Any, str | None]:
-    """(layout, tokenizer or None, sha256 of tokenizer.json or None) of an expanded model dir.
+    """(layout, `text_tokenizer` or None, sha256 of tokenizer.json or None) of an expanded model dir.
 
     Refuses a directory without a valid token_layout.json: every dataset must record the layout
     its ids were made with.
@@ -132,19 +132,35 @@ def load_model_dir(model_dir: str | Path, need_tokenizer: bool) -> tuple[TokenLa
         layout.check_tokenizer(model_dir)
     except ValueError as e:
         raise SpeechDataError(f"{model_dir}: tokenizer does not match the token layout: {e}") from None
+    data = tok_file.read_bytes()
+    return layout, text_tokenizer(json.loads(data)), hashlib.sha256(data).hexdigest()
+
+
+def text_tokenizer(tokenizer_json: dict[str, Any]) -> Any:
+    """The tokenizer of every text we encode (transcripts, text corpora, synthesis prompts), from an
+    expanded tokenizer.json: it gives the original Llama-3 tokenizer's ids for any string.
+
+    Text is text whatever token names it spells out: the codec tokens (non-special added tokens,
+    which would match a literal "<|s_123|>") are left out, and every special is encoded as text (a
+    literal "<|end_of_text|>" must not end a document). Ids 0..128255 are the original's with some
+    reserved names changed, and no special name matches, so "<|speech_start|>" gives the same BPE
+    pieces as in the original, which had a reserved name at that id. Also faster to encode.
+    """
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tok_file))
-    # Transcripts are plain text: a literal "<|end_of_text|>" in one must not become a special id.
+    tokenizer_json = {**tokenizer_json, "added_tokens": [e for e in tokenizer_json.get("added_tokens", [])
+                                                         if e["id"] < tl.TEXT_VOCAB_SIZE]}
+    tok = Tokenizer.from_str(json.dumps(tokenizer_json))
     tok.encode_special_tokens = True
-    return layout, tok, hashlib.sha256(tok_file.read_bytes()).hexdigest()
+    return tok
 
 
 def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Transcripts -> Llama-3 text ids, add_special_tokens=False, one batched call."""
+    """Texts -> Llama-3 text ids (add_special_tokens=False) with a `text_tokenizer`, one batched call
+    (encode_batch_fast: no offsets, which we do not use)."""
     if not texts:
         return []
-    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 # --- sample decoding ---------------------------------------------------------------------------
@@ -601,9 +617,12 @@ def run_task(
     settings = Settings(kind, seq_length, valid_fraction, schema or Schema(), default_language, layout.layout_hash, tok_sha)
     s3s = s3_settings or s3.S3Settings.from_env()
     client_factory = lambda: s3.make_client(s3s)  # noqa: E731
+    try:
+        shards = expand_spec(inputs, client_factory)
+    except FileNotFoundError as e:  # a pattern or directory with no shards: nothing is written
+        raise SpeechDataError(str(e)) from None
     output = Path(output)
     (output / PARTIALS).mkdir(parents=True, exist_ok=True)
-    shards = expand_spec(inputs, client_factory)
     _check_build_file(
         output,
         {

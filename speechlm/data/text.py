@@ -4,10 +4,11 @@ Each input file (local or s3://, jsonl[.gz] or parquet) is read with the `datase
 streaming mode. A record's text is one field (`text_field`) or a template over several fields
 (Aya's prompt/response pairs: `AYA_TEMPLATE`); its language is a field (`language_field`, codes
 or names, see `normalise_language`) or fixed (`default_language`). Long-form text goes through
-the quality filters (`Filters`), is tokenised in batches by the expanded model's Llama-3
-tokenizer and written as `layout.text_document` documents (BOS text EOD). A text longer than
-the sequence length is split into near-equal consecutive pieces of its token ids, each its own
-BOS...EOD document of at most seq_length tokens.
+the quality filters (`Filters`), is tokenised in batches by `speech.text_tokenizer` (the
+original Llama-3 tokenizer's ids; token names in the text stay text) and written as
+`layout.text_document` documents (BOS text EOD). A text longer than the sequence length is split
+into near-equal consecutive pieces of its token ids, each its own BOS...EOD document of at most
+seq_length tokens.
 
 Output directory (the speech builder's machinery, `speechlm.data.speech`, reused):
   build.json, partials/<file-id>/ (one finished input file + done.json),
@@ -51,6 +52,7 @@ from speechlm.data.speech import (
     _process_atomic,
     _Progress,
     _write_json_atomic,
+    encode_texts,
     is_valid_key,
     load_model_dir,
     read_done,
@@ -140,6 +142,15 @@ class Filters:
     min_letter_share: float = 0.7
     max_repeated_line_share: float = 0.3
     max_boilerplate_line_share: float = 0.2
+
+
+# Filter settings per kind of corpus (build_text.py --preset; docs/mixture.md). Web text: the
+# defaults above. Instruction pairs (Aya) are short by nature, and answers carry numbers, lists and
+# formulas: no length or repeated-line rule and a lower letter share; page chrome is still dropped.
+FILTER_PRESETS = {
+    "web": Filters(),
+    "instruction": Filters(min_chars=0, min_letter_share=0.5, max_repeated_line_share=None),
+}
 
 
 def _is_letter(ch: str) -> bool:
@@ -256,15 +267,6 @@ def split_ids(ids: np.ndarray, max_ids: int) -> list[np.ndarray]:
     rather than greedy so no tiny tail piece is made; the pieces concatenate back to `ids`."""
     n_pieces = max(1, -(-len(ids) // max_ids))
     return np.array_split(ids, n_pieces) if n_pieces > 1 else [ids]
-
-
-def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Llama-3 ids of each text, add_special_tokens=False, one batched call of the fast tokenizer
-    (encode_batch_fast skips the offsets, which we do not use)."""
-    if not texts:
-        return []
-    fn = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
-    return [e.ids for e in fn(texts, add_special_tokens=False)]
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -415,7 +417,7 @@ class FileProcessor:
 
     def _emit(self, w: _FileWriter, batch: list[tuple[str, str]]) -> None:
         layout = self.layout
-        for (lang, text), ids in zip(batch, encode(self.tokenizer, [t for _, t in batch])):
+        for (lang, text), ids in zip(batch, encode_texts(self.tokenizer, [t for _, t in batch])):
             if not ids:
                 w.skip("bad_text", lang)
                 continue
@@ -549,9 +551,9 @@ def run_task(
                         default_language, input_format, filters or Filters(), layout.layout_hash, tok_sha or "")
     s3s = s3_settings or s3.S3Settings.from_env()
     client_factory = lambda: s3.make_client(s3s)  # noqa: E731
+    files = expand_inputs(inputs, client_factory)  # before anything is written: none found is an error
     output = Path(output)
     (output / PARTIALS).mkdir(parents=True, exist_ok=True)
-    files = expand_inputs(inputs, client_factory)
     _check_build_file(output, {
         "version": MANIFEST_VERSION, "kind": "text",
         "inputs": [inputs] if isinstance(inputs, str) else list(inputs),
