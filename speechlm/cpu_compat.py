@@ -1,8 +1,9 @@
 """Run Megatron-Bridge's real training loop and converters on a machine without CUDA.
 
 The one place that adapts Megatron to CPU (tests, CI, the embedded demo). `apply()` must run
-before the first `import megatron.bridge`; it does nothing when CUDA is present, so no line of
-it is active on a GPU. What it replaces and why: docs/cpu_mode.md.
+before the first `import megatron.bridge`; it does nothing when CUDA and TransformerEngine are
+present, so no line of it is active on a GPU node. On a GPU without TransformerEngine it applies
+only the TE-less parts (`_apply_no_te`, docs/gpu.md). What it replaces and why: docs/cpu_mode.md.
 
 megatron-core has no device abstraction: it asserts CUDA, creates tensors with
 `device="cuda"`, uses CUDA streams, events and the CUDA RNG, and checks tensor types such as
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import importlib.util
 import re
 import sys
 import types
@@ -32,6 +34,7 @@ SUPPORTED_VERSIONS = {"megatron-core": "0.19.2", "megatron-bridge": "0.6.2"}
 
 _REAL_CUDA_AVAILABLE = torch.cuda.is_available
 _APPLIED = False
+_NO_TE_APPLIED = False
 
 
 class UnsupportedMegatronVersion(RuntimeError):
@@ -45,6 +48,15 @@ def cuda_present() -> bool:
 
 def is_active() -> bool:
     return _APPLIED
+
+
+def te_installed() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def no_te_active() -> bool:
+    """True when `apply()` found a GPU without TransformerEngine and made it usable (`_apply_no_te`)."""
+    return _NO_TE_APPLIED
 
 
 def check_versions(installed: dict[str, str] | None = None) -> None:
@@ -74,6 +86,8 @@ def apply() -> bool:
     if _APPLIED:
         return True
     if cuda_present():
+        if not te_installed():
+            _apply_no_te()
         return False
     check_versions()
     _stub_missing_modules()
@@ -83,6 +97,76 @@ def apply() -> bool:
     _patch_bridge()
     _APPLIED = True
     return True
+
+
+def _apply_no_te() -> None:
+    """A GPU without TransformerEngine (a bare machine: PyTorch plus the megatron wheels, see
+    docs/gpu.md): the parts of the CPU mode that are about TE/Apex or the PyPI wheels being absent,
+    none of the CUDA-to-CPU routing. The model then takes the local layer spec
+    (speechlm.megatron_env.adapt_provider)."""
+    global _NO_TE_APPLIED
+    if _NO_TE_APPLIED:
+        return
+    check_versions()
+    _stub_missing_modules()
+    # `megatron.bridge.training.setup` imports Bridge's HF-dataset SFT and Energon (multimodal)
+    # builders, hence HF `datasets` (with pyarrow, ~70 MB of wheels) and megatron-energon, at
+    # module level; pretraining, our SFT and the converters never call them. A bare machine
+    # without them gets stand-ins that fail when used.
+    for name in _UNUSED_DATA_PACKAGES:
+        if importlib.util.find_spec(name) is None:
+            sys.modules[name] = _Missing(name)
+    if importlib.util.find_spec("modelopt") is None:
+        _stand_in_for_modelopt()
+    _patch_distributed_optimizer()
+    _patch_dataset_helpers()
+    _NO_TE_APPLIED = True
+
+
+_UNUSED_DATA_PACKAGES = ("datasets", "megatron.energon", "PIL")
+
+
+def _stand_in_for_modelopt() -> None:
+    # Bridge imports nvidia-modelopt (distillation, quantization) at module level and asks it on
+    # every step and save whether the model is a distillation model / has modelopt state. Its
+    # import needs scipy and PuLP (~50 MB of wheels). For a model modelopt never converted the
+    # real answers are "no" and "nothing to save or restore": the stand-in gives exactly those.
+    names = ("modelopt", "modelopt.torch", "modelopt.torch.opt", "modelopt.torch.opt.plugins",
+             "modelopt.torch.distill", "modelopt.torch.distill.plugins", "modelopt.torch.distill.plugins.megatron")
+    modules = {name: _Missing(name) for name in names}
+    for name, module in modules.items():
+        module.__path__ = []
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(modules[parent], child, module)
+    plugins = modules["modelopt.torch.opt.plugins"]
+    plugins.save_modelopt_state = plugins.save_sharded_modelopt_state = lambda *a, **k: None
+    plugins.restore_modelopt_state = lambda *a, **k: None
+    modules["modelopt.torch.distill"].DistillationModel = type("DistillationModel", (), {})
+    modules["modelopt.torch.distill.plugins.megatron"].get_tensor_shapes_adjust_fn_for_distillation = lambda *a, **k: None
+    sys.modules.update(modules)
+
+
+class _Missing(types.ModuleType):
+    """A module that is not installed: importable, any attribute another stand-in (a class for
+    CamelCase names, so modules can subclass or isinstance-check it), any call or instance fails."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        root = self.__name__.split(".")[0]
+        if name[:1].isupper():
+            def fail(*args, **kwargs):
+                raise RuntimeError(f"{root} is not installed (speechlm.cpu_compat stand-in)")
+
+            value = type(name, (), {"__init__": fail})
+        else:
+            value = _Missing(f"{self.__name__}.{name}")
+        setattr(self, name, value)
+        return value
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self.__name__.split('.')[0]} is not installed (speechlm.cpu_compat stand-in)")
 
 
 # --- modules that cannot be installed without CUDA ------------------------------------------------
@@ -118,7 +202,7 @@ def _stub_missing_modules() -> None:
 
     class _Unavailable:
         def __init__(self, *args, **kwargs):
-            raise RuntimeError("TransformerEngine is not available on CPU (speechlm.cpu_compat stand-in)")
+            raise RuntimeError("TransformerEngine is not installed (speechlm.cpu_compat stand-in)")
 
     class _Namespace(types.ModuleType):
         def __getattr__(self, name: str):
@@ -308,8 +392,15 @@ def _patch_cpu_adam() -> None:
 
 
 def _patch_bridge() -> None:
-    import megatron.bridge.training.initialize as bridge_init
     import megatron.bridge.training.setup as bridge_setup
+
+    _patch_dataset_helpers()
+    # The JIT warm-up compiles fused GPU kernels with device="cuda" tensors; nothing to warm on CPU.
+    bridge_setup.set_jit_fusion_options = lambda *a, **k: None
+
+
+def _patch_dataset_helpers() -> None:
+    import megatron.bridge.training.initialize as bridge_init
     import megatron.core.datasets as mcore_datasets
 
     # The PyPI megatron-core wheel ships the compiled dataset helper but no Makefile, and
@@ -318,5 +409,3 @@ def _patch_bridge() -> None:
         from megatron.core.datasets import helpers_cpp  # noqa: F401  (fail here if truly missing)
 
         bridge_init.compile_helpers = lambda: None
-    # The JIT warm-up compiles fused GPU kernels with device="cuda" tensors; nothing to warm on CPU.
-    bridge_setup.set_jit_fusion_options = lambda *a, **k: None

@@ -11,6 +11,8 @@ import os
 from speechlm import cpu_compat
 
 CPU_MODE = cpu_compat.apply()
+# A GPU without TransformerEngine (PyTorch + the megatron wheels only, docs/gpu.md): local layers.
+NO_TE_GPU = cpu_compat.no_te_active()
 
 # Fused kernels that exist only on GPU (TE / apex / CUDA JIT).
 _GPU_ONLY_FUSIONS = (
@@ -30,10 +32,17 @@ def gpu_mode(gpu: bool | None = None) -> bool:
     return not CPU_MODE if gpu is None else gpu
 
 
+def uses_te(gpu: bool | None = None) -> bool:
+    """Whether the configuration takes TransformerEngine's layers: the GPU path (`gpu=True`, or
+    this machine's GPU) unless this machine's GPU has no TransformerEngine."""
+    return gpu if gpu is not None else not (CPU_MODE or NO_TE_GPU)
+
+
 def adapt_provider(provider, gpu: bool | None = None) -> None:
     """Make a Bridge `GPTModelProvider` buildable here: TE layer spec on GPU (Bridge's default),
-    megatron-core's local spec and no fused kernels on CPU."""
-    if gpu_mode(gpu):
+    megatron-core's local spec and no fused kernels on CPU and on a GPU without TE (the fusions
+    need TE, Apex or compiling kernels at run time, none of which a bare GPU machine has)."""
+    if uses_te(gpu):
         return
     from megatron.bridge.models.gpt_provider import local_layer_spec
 

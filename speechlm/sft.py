@@ -51,7 +51,7 @@ class PackedTTSDatasetConfig(DatasetProvider):
     def finalize(self) -> None:
         super().finalize()
         if self.packed_thd is None:
-            self.packed_thd = megatron_env.cpu_compat.cuda_present()
+            self.packed_thd = megatron_env.uses_te()  # THD attention is TE's
         self.skip_getting_attention_mask_from_dataset = bool(self.packed_thd)
 
     def layout(self) -> TokenLayout:
@@ -104,7 +104,7 @@ def finish_config(cfg, ours: dict, hf_model: str, blend) -> tuple[list[str], lis
         # Every pair is seen once per epoch; weights between TTS sets would need sampling.
         problems.append("SFT packs every TTS pair once per epoch: dataset.blend weights are not supported")
     packed_thd = ours.get("packed_thd")
-    packed_thd = megatron_env.cpu_compat.cuda_present() if packed_thd is None else bool(packed_thd)
+    packed_thd = megatron_env.uses_te() if packed_thd is None else bool(packed_thd)
     old = cfg.dataset
     cfg.dataset = PackedTTSDatasetConfig(
         seq_length=old.seq_length, train_prefixes=prefixes, valid_prefixes=list(validation_sets(blend).values()),
