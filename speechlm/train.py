@@ -8,13 +8,16 @@ A recipe has two kinds of top-level keys: Bridge's own ConfigContainer sections 
 Bridge's `_pretrain_common()` defaults exactly as Bridge's own YAML overrides are, and one
 `speechlm` section for what Bridge has no field for (model directory, blend file, run length in
 tokens, warm-up as a fraction, checkpoint schedule and retention). A recipe may name a `base`
-recipe and state only what differs from it. `speechlm.mode: sft` makes the run a text-to-speech
-fine-tuning (speechlm.sft, docs/sft.md): packed TTS pairs, loss on speech only, Bridge's finetune().
+recipe and state only what differs from it; a key that no section has is refused, naming the
+closest one. `speechlm.mode: sft` makes the run a text-to-speech fine-tuning (speechlm.sft,
+docs/sft.md): packed TTS pairs, loss on speech only, Bridge's finetune().
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import math
 import os
 import signal
@@ -27,14 +30,18 @@ from pathlib import Path
 from speechlm import megatron_env
 
 import torch  # noqa: E402  (after the CPU mode)
+import yaml  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from speechlm import blend_file, checkpoints  # noqa: E402
-from speechlm.recipe import RecipeError, load_recipe  # noqa: E402,F401  (re-exported)
+from speechlm.recipe import OUR_KEYS, RecipeError, load_recipe  # noqa: E402,F401  (re-exported)
 from speechlm.token_layout import VOCAB_SIZE, LayoutMismatchError, TokenLayout  # noqa: E402
 
 OUR_SECTION = "speechlm"
 REPO = Path(__file__).resolve().parent.parent
+# The run's tokens against the blend's planned_tokens (what its weights, epochs and caps assume):
+# a warning past 5 %, a refusal past 2x either way.
+PLAN_WARN, PLAN_REFUSE = 0.05, 2.0
 
 
 @dataclass
@@ -88,12 +95,16 @@ def build_config(recipe: DictConfig, world_size: int, *, gpu: bool | None = None
     register_allowed_target_prefix("speechlm.")  # Bridge instantiates only allow-listed classes
 
     bridge_sections = OmegaConf.masked_copy(recipe, [k for k in recipe if k != OUR_SECTION])
+    unknown = unknown_keys(cfg, OmegaConf.to_container(recipe))
+    if unknown:
+        raise RecipeError("the recipe has keys that no section has:\n  - " + "\n  - ".join(unknown))
     merged, excluded = create_omegaconf_dict_config(cfg)
     try:
         merged = OmegaConf.merge(merged, bridge_sections)
         apply_overrides(cfg, OmegaConf.to_container(merged, resolve=True, throw_on_missing=True), excluded)
-    except Exception as e:  # unknown key, wrong type, unset ??? value
+    except Exception as e:  # wrong type, unset ??? value
         raise RecipeError(f"recipe does not fit Bridge's ConfigContainer: {e}") from e
+    _schedule_weight_decay(cfg, recipe)
 
     cfg.model.seq_length = cfg.dataset.seq_length  # Bridge keeps it twice; the recipe states it once
     if cfg.mixed_precision is None:  # fp32 (CPU runs)
@@ -101,22 +112,71 @@ def build_config(recipe: DictConfig, world_size: int, *, gpu: bool | None = None
         cfg.model.bf16 = cfg.model.fp16 = False
         cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
 
+    from speechlm import sft  # (also its rank-0 warning printer)
+
     sft_mode = _mode(ours) == "sft"
     if sft_mode:  # SFT (speechlm.sft): the TTS pairs of the blend, packed, loss on speech only
-        from speechlm import sft
-
         blend = sft.select_data(cfg, ours, hf_model)
     else:
         blend = _apply_blend(cfg, ours, hf_model)
     plan = _plan(cfg, ours, world_size)
-    _check(cfg, plan, hf_model, blend)
+    warnings = _check(cfg, plan, hf_model, blend, ours)
     if sft_mode:
         problems, notes = sft.finish_config(cfg, ours, hf_model, blend)
         if problems:
             raise RecipeError("the SFT recipe cannot work:\n  - " + "\n  - ".join(problems))
-        sft.warn(notes)
+        warnings += notes
+    sft.warn(warnings)
     _set_policy(cfg, ours, recipe, hf_model, blend)
     return cfg, plan, blend
+
+
+def unknown_keys(cfg, recipe: dict) -> list[str]:
+    """Recipe keys that name no field: Bridge's own merge accepts any key (its OmegaConf copy of the
+    ConfigContainer is not structured) and `apply_overrides` skips unknown ones with a log line,
+    so a misspelled key would be shown by --dry-run and then ignored. Each with its closest key."""
+    problems = _unknown(cfg, {k: v for k, v in recipe.items() if k != OUR_SECTION}, "", extra=(OUR_SECTION,))
+    ours = recipe.get(OUR_SECTION) or {}
+    for key in ours:
+        if key not in OUR_KEYS:
+            problems.append(_unknown_key(key, OUR_KEYS, f"{OUR_SECTION}."))
+    return problems
+
+
+def _unknown_key(key: str, known, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"unknown key {prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+
+
+def _unknown(obj, given: dict, prefix: str, extra: tuple = ()) -> list[str]:
+    fields = [f.name for f in dataclasses.fields(obj)]
+    problems = []
+    for key, value in given.items():
+        if key not in fields and key not in extra:
+            problems.append(_unknown_key(key, [*fields, *extra], prefix))
+            continue
+        current = getattr(obj, key, None)
+        # Into nested sections (dataclasses); a dict field (env_vars, ...) or a `_target_` object takes any key.
+        if isinstance(value, dict) and "_target_" not in value and dataclasses.is_dataclass(current):
+            problems += _unknown(current, value, f"{prefix}{key}.")
+    return problems
+
+
+def _schedule_weight_decay(cfg, recipe: DictConfig) -> None:
+    """The recipe's optimizer.weight_decay as the scheduled decay. megatron-core's
+    OptimizerParamScheduler writes start/end_weight_decay into every parameter group at each step
+    (times the group's wd_mult: 0 for biases and norms), so the optimizer's own weight_decay is never
+    used; Bridge's defaults schedule a constant 0.033. Megatron-LM's arguments set start = end =
+    weight_decay for the constant style; so do we, unless the recipe states the schedule itself."""
+    s = cfg.scheduler
+    for key in ("start_weight_decay", "end_weight_decay"):
+        if OmegaConf.select(recipe, f"scheduler.{key}") is None:
+            setattr(s, key, cfg.optimizer.weight_decay)
+    if s.end_weight_decay < s.start_weight_decay or (s.weight_decay_incr_style == "constant"
+                                                     and s.start_weight_decay != s.end_weight_decay):
+        raise RecipeError(f"scheduler.start_weight_decay={s.start_weight_decay} / end_weight_decay={s.end_weight_decay}: "
+                          f"the end must be >= the start, and equal to it with weight_decay_incr_style=constant "
+                          f"(use linear or cosine to ramp)")
 
 
 def _mode(ours: dict) -> str:
@@ -153,10 +213,10 @@ def _plan(cfg, ours: dict, world_size: int) -> Plan:
     return Plan(world_size, tp, pp, world_size // (tp * pp), seq, gbs, iters, cfg.scheduler.lr_warmup_iters)
 
 
-def _check(cfg, plan: Plan, hf_model: str, blend) -> None:
-    """Fail before any GPU work, saying what to change."""
+def _check(cfg, plan: Plan, hf_model: str, blend, ours: dict) -> list[str]:
+    """Fail before any GPU work, saying what to change; returns warnings."""
     m = cfg.model
-    problems = []
+    problems, warnings = [], []
     if plan.global_batch_size % (cfg.train.micro_batch_size * plan.dp):
         problems.append(f"train.global_batch_size={plan.global_batch_size} is not divisible by micro_batch_size "
                         f"({cfg.train.micro_batch_size}) x data-parallel size ({plan.dp})")
@@ -167,6 +227,10 @@ def _check(cfg, plan: Plan, hf_model: str, blend) -> None:
         problems.append(f"warm-up ({cfg.scheduler.lr_warmup_iters} iterations) must be shorter than the run ({plan.train_iters})")
     if not cfg.checkpoint.save:
         problems.append("checkpoint.save must name the run's checkpoint directory")
+    problems += _check_start(cfg, ours)
+    problem, warning = compare_plan(blend, plan) if _mode(ours) == "pretrain" else (None, None)
+    problems += [problem] if problem else []
+    warnings += [warning] if warning else []
     layout_file = Path(hf_model) / "token_layout.json"
     if layout_file.is_file():
         layout = TokenLayout.load(hf_model)  # verifies its own hash
@@ -184,6 +248,42 @@ def _check(cfg, plan: Plan, hf_model: str, blend) -> None:
         problems.append(f"no data: set {OUR_SECTION}.blend (a blend file from data_prep/plan_mix.py) or dataset.blend")
     if problems:
         raise RecipeError("the recipe cannot work:\n  - " + "\n  - ".join(problems))
+    return warnings
+
+
+def _check_start(cfg, ours: dict) -> list[str]:
+    """A pretraining run starts from the converted model (or resumes); random weights only when asked."""
+    from megatron.bridge.training.utils.checkpoint_utils import checkpoint_exists, is_hf_checkpoint_dir
+
+    start, load = cfg.checkpoint.pretrained_checkpoint, cfg.checkpoint.load
+    from_scratch = ours.get("from_scratch")
+    if from_scratch not in (None, True, False):
+        return [f"{OUR_SECTION}.from_scratch must be true or false, got {from_scratch!r}"]
+    if from_scratch and start:
+        return [f"{OUR_SECTION}.from_scratch=true but checkpoint.pretrained_checkpoint={start} is set: unset one of them"]
+    resumes = bool(load) and (checkpoint_exists(load) or is_hf_checkpoint_dir(load))  # Bridge's test
+    if _mode(ours) == "pretrain" and not (start or resumes or from_scratch):
+        # (SFT refuses a missing checkpoint itself, speechlm.sft.)
+        return [f"nothing to start from: set checkpoint.pretrained_checkpoint (the converted model, "
+                f"conversion/hf_to_megatron.py); no checkpoint to resume in checkpoint.load={load}. "
+                f"To train from random weights, set {OUR_SECTION}.from_scratch=true"]
+    return []
+
+
+def compare_plan(blend, plan: Plan) -> tuple[str | None, str | None]:
+    """(problem, warning): the run's tokens against the blend's planned_tokens. A blend without a plan
+    (planned_tokens 0: written by hand, not by plan_mix.py) is not compared."""
+    if blend is None or not blend.planned_tokens:
+        return None, None
+    ratio = plan.train_tokens / blend.planned_tokens
+    text = (f"the run trains {plan.train_tokens:,} tokens but its blend {blend.path} has planned_tokens="
+            f"{blend.planned_tokens:,} ({ratio:.2f}x)")
+    if ratio > PLAN_REFUSE or ratio < 1 / PLAN_REFUSE:
+        return (f"{text}: every dataset's epochs and caps would be off by that factor; re-plan the blend "
+                f"(data_prep/plan_mix.py, planned_tokens: {plan.train_tokens}) or change the run length"), None
+    if abs(ratio - 1) > PLAN_WARN:
+        return None, f"{text}: the datasets' epochs differ from the plan's by that factor"
+    return None, None
 
 
 def _git_commit() -> str:
@@ -262,6 +362,11 @@ def print_dry_run(recipe: DictConfig, cfg, plan: Plan, blend) -> None:
 
         print(sft.describe(cfg))
     elif blend is not None:
+        if blend.planned_tokens:
+            ratio = plan.train_tokens / blend.planned_tokens
+            print(f"blend planned for {blend.planned_tokens:,} tokens; this run trains {ratio:.2f}x that")
+        else:
+            print("the blend records no planned tokens (planned_tokens: 0): the run's length is not compared with a plan")
         print("planned epochs of each dataset over this run:")
         weights = dict(zip(blend.train_prefixes, blend.train_weights))
         for row in blend.datasets:
@@ -271,6 +376,10 @@ def print_dry_run(recipe: DictConfig, cfg, plan: Plan, blend) -> None:
     print("estimated GPU memory per rank (GiB):")
     for k, v in estimate_memory_gib(cfg, plan).items():
         print(f"  {k:32s} {v:8.2f}")
+    from speechlm.effective_settings import effective_settings
+
+    print("# effective settings: what Megatron will apply, read from its own objects (speechlm.effective_settings)")
+    print(yaml.safe_dump(effective_settings(cfg, plan), sort_keys=False, default_flow_style=None, width=120), end="")
 
 
 # --- run -----------------------------------------------------------------------------------------
@@ -292,20 +401,26 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--config", required=True, help="recipe YAML (recipes/*.yaml)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved recipe, step count, tokens per step, dataset epochs and a memory estimate; train nothing")
+                        help="print the resolved recipe, step count, tokens per step, dataset epochs, a memory estimate and the "
+                             "effective settings (speechlm.effective_settings); train nothing")
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
                         help="number of ranks to plan for (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="with --dry-run: plan the GPU path (TransformerEngine layers, fused kernels, NCCL) "
+                             "on a machine without a GPU")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied on top of the recipe")
     args = parser.parse_args(argv)
+    if args.gpu and not args.dry_run:
+        parser.error("--gpu plans a GPU run (with --dry-run); a training run takes this machine's path")
 
     try:
         recipe = load_recipe(args.config, args.overrides)
-        cfg, plan, blend = build_config(recipe, args.world_size)
+        cfg, plan, blend = build_config(recipe, args.world_size, gpu=True if args.gpu else None)
+        if args.dry_run:
+            print_dry_run(recipe, cfg, plan, blend)
+            return
     except (RecipeError, blend_file.BlendError, LayoutMismatchError, FileNotFoundError) as e:
         sys.exit(f"speechlm.train: {e}")
-    if args.dry_run:
-        print_dry_run(recipe, cfg, plan, blend)
-        return
 
     megatron_env.init_single_process_env()
     _forward_sigusr1()

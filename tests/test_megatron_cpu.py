@@ -57,7 +57,7 @@ def test_pretrain_two_processes_checkpoint_and_resume(tiny_llama_dir, counting_d
     ckpt = tmp_path / "ckpt"
     common = ["-m", "speechlm.train", "--config", "recipes/smoke.yaml", f"speechlm.hf_model={tiny_llama_dir}",
               f"dataset.blend=[[{counting_dataset}],null]", "speechlm.blend=null", f"checkpoint.save={ckpt}",
-              "checkpoint.save_interval=10", "dataset.split=90,5,5"]
+              "checkpoint.save_interval=10", "dataset.split=90,5,5", "speechlm.from_scratch=true"]
 
     rc, log = run_torchrun(2, common + ["train.train_iters=20"], tmp_path / "run1.txt")
     assert rc == 0, log[-4000:]
