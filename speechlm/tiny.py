@@ -41,6 +41,8 @@ LLAMA32_ROPE = {
     "original_max_position_embeddings": 8192,
 }
 LLAMA32_ROPE_THETA = 500_000.0
+# Llama-3.1-8B's (config.json of meta-llama/Llama-3.1-8B): the same but factor 8.
+LLAMA31_ROPE = {**LLAMA32_ROPE, "factor": 8.0}
 
 
 def special_token_names(release: str) -> dict[int, str]:
@@ -112,6 +114,7 @@ def make_tiny_llama(
     release: str = "3.2",
     seed: int = 0,
     dtype: str = "float32",
+    rope: dict | None = None,
 ) -> Path:
     """Save a random Llama-3.2-architecture HF model (GQA, llama3 rope) plus the real tokenizer."""
     import torch
@@ -127,7 +130,7 @@ def make_tiny_llama(
         head_dim=hidden_size // num_heads,
         max_position_embeddings=131_072,
         rms_norm_eps=1e-5,
-        rope_parameters={"rope_theta": LLAMA32_ROPE_THETA, **LLAMA32_ROPE},
+        rope_parameters={"rope_theta": LLAMA32_ROPE_THETA, **(rope or LLAMA32_ROPE)},
         tie_word_embeddings=tie_word_embeddings,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
@@ -139,3 +142,11 @@ def make_tiny_llama(
     model.save_pretrained(out)
     write_llama3_tokenizer(out, release=release)
     return out
+
+
+def make_tiny_llama31_8b_shaped(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A tiny model shaped like Llama-3.1-8B where tensor parallelism at TP 4 (the 8B recipe's)
+    looks: KV heads (and heads) divisible by 4, untied input and output embeddings, Llama-3.1 rope
+    and tokenizer. 8 heads over 4 KV heads of 8 dims: one KV head per rank at TP 4 (8B: 32 over 8)."""
+    return make_tiny_llama(out_dir, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+                           tie_word_embeddings=False, release="3.1", seed=seed, rope=LLAMA31_ROPE)

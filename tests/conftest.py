@@ -119,6 +119,35 @@ def synthetic_blend(expanded_tiny_dir, tmp_path_factory) -> Path:
     return write_synthetic_blend(expanded_tiny_dir, tmp_path_factory.mktemp("synthetic-blend"))
 
 
+def convert_to_megatron(hf_dir: Path, out: Path) -> Path:
+    """`conversion/hf_to_megatron.py` (TP 1): the checkpoint a recipe's run starts from."""
+    proc = subprocess.run([sys.executable, "conversion/hf_to_megatron.py", "--input", str(hf_dir), "--output", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def converted_tiny_dir(expanded_tiny_dir, tmp_path_factory) -> Path:
+    """`expanded_tiny_dir` as a Megatron checkpoint (checkpoint.pretrained_checkpoint of a run)."""
+    return convert_to_megatron(expanded_tiny_dir, tmp_path_factory.mktemp("converted") / "tiny-llama32-speech")
+
+
+@pytest.fixture(scope="session")
+def expanded_tiny_8b_dir(tmp_path_factory) -> Path:
+    """A tiny model shaped like Llama-3.1-8B at TP 4 (speechlm.tiny), expanded; same token layout
+    as `expanded_tiny_dir`, so `synthetic_blend` serves it too."""
+    from speechlm.vocab_expansion import expand_vocab
+
+    model = tiny.make_tiny_llama31_8b_shaped(tmp_path_factory.mktemp("tiny-llama31-8b"))
+    return expand_vocab(model, tmp_path_factory.mktemp("expanded-8b") / "tiny-llama31-8b-speech").output
+
+
+@pytest.fixture(scope="session")
+def converted_tiny_8b_dir(expanded_tiny_8b_dir, tmp_path_factory) -> Path:
+    return convert_to_megatron(expanded_tiny_8b_dir, tmp_path_factory.mktemp("converted-8b") / "tiny-llama31-8b-speech")
+
+
 # --- S3: a moto server on loopback, shared by every test that needs an S3/R2 endpoint ---------
 from s3_fixtures import s3_server  # noqa: E402,F401  (tests/ is on sys.path: rootdir conftest)
 

@@ -1,5 +1,6 @@
-"""Text-to-speech SFT (issue 8): packed rows, loss on speech only, no attention across pairs, the
-SFT recipe on 2 CPU processes (held-out speech loss falls, SIGTERM + resume reproduces).
+"""Text-to-speech SFT (issue 8): packed rows, loss on speech only, no attention across pairs.
+The SFT recipe's training runs (held-out speech loss falls, SIGTERM + resume reproduces) are a
+row of the recipe matrix in tests/test_recipes.py.
 
 The Megatron-model checks run in a subprocess (`python tests/test_sft.py model-check ...`) so that
 this pytest process never switches on Bridge's CPU mode.
@@ -11,11 +12,8 @@ import contextlib
 import io
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # when run as a script
 
-from conftest import REPO, run_torchrun  # noqa: E402
+from conftest import REPO  # noqa: E402
 from speechlm import token_layout as tl  # noqa: E402
 from speechlm.sft_data import PackedTTSDataset, build_row, pack_rows, row_to_sample  # noqa: E402
 from speechlm.token_layout import TokenLayout  # noqa: E402
@@ -231,75 +229,6 @@ def test_packed_row_through_a_megatron_gpt_model(expanded_tiny_dir, synthetic_bl
     assert "set model.calculate_per_token_loss=true" in r["refused"], r
     assert "set checkpoint.pretrained_checkpoint" in r["refused"], r
     assert r["dataset_type"] == "PackedTTSDatasetConfig" and r["per_token_loss"] == [True, False], r
-
-
-# --- the SFT recipe on 2 CPU processes ---------------------------------------------------------------
-
-
-def _losses(log: str, key: str = "lm loss") -> dict[int, float]:
-    return {int(i): float(v) for i, v in re.findall(rf"iteration\s+(\d+)/\s*\d+ \|.*?\| {key}: ([0-9.E+-]+)", log)}
-
-
-def _heldout(log: str) -> dict[int, float]:
-    return {int(i): float(v) for i, v in re.findall(r"validation tts/hi at iteration (\d+) \| lm loss: ([0-9.E+-]+)", log)}
-
-
-def _args(model, blend, ckpt, *extra):
-    # LR 3e-3 (smoke.yaml's peak, not its final LR) so the random tiny model learns in 20 steps.
-    return ["-m", "speechlm.train", "--config", "recipes/sft_smoke.yaml", f"speechlm.hf_model={model}",
-            f"speechlm.blend={blend}", f"checkpoint.save={ckpt}", f"checkpoint.pretrained_checkpoint={model}",
-            "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "checkpoint.save_interval=100", *extra]
-
-
-@pytest.fixture(scope="module")
-def sft_run(expanded_tiny_dir, synthetic_blend, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    rc, log = run_torchrun(2, _args(expanded_tiny_dir, synthetic_blend, out / "ckpt"), out / "log.txt")
-    assert rc == 0, log[-4000:]
-    return out / "ckpt", log
-
-
-@pytest.mark.slow
-def test_sft_lowers_heldout_speech_loss(sft_run):
-    ckpt, log = sft_run
-    assert "packed TTS train: 300 pairs" in log and "packed TTS valid: 40 pairs" in log
-    losses, heldout = _losses(log), _heldout(log)
-    assert sorted(losses) == list(range(1, 21)) and sorted(heldout) == [10, 20], (losses, heldout)
-    # Iteration 1's loss is the initial model's on pairs it has not trained on.
-    assert heldout[20] < heldout[10] < losses[1] - 0.5, (heldout, losses[1])
-    assert (ckpt / "iter_0000020" / "provenance.json").is_file()
-
-
-@pytest.mark.slow
-def test_sigterm_then_resume_reproduces_the_sft_run(sft_run, expanded_tiny_dir, synthetic_blend, tmp_path):
-    import psutil
-
-    reference = _losses(sft_run[1])
-    ckpt = tmp_path / "ckpt"
-    log_path = tmp_path / "run1.txt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           *_args(expanded_tiny_dir, synthetic_blend, ckpt)]
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.time() + 400
-        while not re.search(r"iteration\s+12/", log_path.read_text()):
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.2)
-        for child in psutil.Process(proc.pid).children():  # what srun does on a time limit
-            child.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=300)
-    log = log_path.read_text()
-    assert rc == 0 and "exiting program after receiving SIGTERM" in log, log[-3000:]
-    stopped_at = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
-    assert 12 <= stopped_at < 20 and max(_losses(log)) == stopped_at
-
-    rc, log2 = run_torchrun(2, _args(expanded_tiny_dir, synthetic_blend, ckpt), tmp_path / "run2.txt")
-    assert rc == 0, log2[-3000:]
-    resumed = _losses(log2)
-    assert sorted(resumed) == list(range(stopped_at + 1, 21))  # resumed, not re-initialised from the model
-    for i, loss in resumed.items():
-        assert abs(loss - reference[i]) <= 1e-4, (i, loss, reference[i])
-    assert abs(_heldout(log2)[20] - _heldout(sft_run[1])[20]) <= 1e-4
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "model-check":
