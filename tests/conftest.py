@@ -120,10 +120,12 @@ def synthetic_blend(expanded_tiny_dir, tmp_path_factory) -> Path:
 
 
 def convert_to_megatron(hf_dir: Path, out: Path) -> Path:
-    """`conversion/hf_to_megatron.py` (TP 1): the checkpoint a recipe's run starts from."""
+    """`conversion/hf_to_megatron.py` (TP 1): the checkpoint a recipe's run starts from. Its output
+    is kept beside it (`<out>.log`) for tests of the converter itself."""
     proc = subprocess.run([sys.executable, "conversion/hf_to_megatron.py", "--input", str(hf_dir), "--output", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
+    out.with_suffix(".log").write_text(proc.stdout + proc.stderr)
     return out
 
 
