@@ -95,6 +95,7 @@ def apply() -> bool:
     _patch_distributed_optimizer()
     _patch_cpu_adam()
     _patch_bridge()
+    keep_freed_memory()
     _APPLIED = True
     return True
 
@@ -389,6 +390,28 @@ def _patch_cpu_adam() -> None:
         return optimizer
 
     mcore_optimizer._get_megatron_optimizer_based_on_param_groups = build
+
+
+def keep_freed_memory() -> bool:
+    """Serve large CPU tensors from the heap and keep freed memory for reuse (glibc's mallopt).
+
+    A step of the 193,792-row output layer allocates several ~100 MB tensors (logits, their
+    softmax and gradients). glibc maps anything that large afresh with mmap and unmaps it on
+    free, so every step page-faults and zero-fills each of them again. With mmap off and no
+    trimming they come from the heap, which grows for the first few steps (torch's 64-byte
+    aligned blocks do not always fit a freed one) and is then reused without a page fault;
+    the price is a larger resident size (docs/cpu_mode.md). bench/cpu_allocator.py measures the
+    two side by side. Returns False where the C library is not glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def _patch_bridge() -> None:

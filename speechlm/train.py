@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import signal
@@ -228,6 +229,9 @@ def _check(cfg, plan: Plan, hf_model: str, blend, ours: dict) -> list[str]:
     if not cfg.checkpoint.save:
         problems.append("checkpoint.save must name the run's checkpoint directory")
     problems += _check_start(cfg, ours)
+    if cfg.logger.wandb_project and importlib.util.find_spec("wandb") is None:
+        problems.append(f"logger.wandb_project={cfg.logger.wandb_project!r} needs wandb, which is not installed "
+                        f"(the NeMo container has it; elsewhere: pip install wandb)")
     problem, warning = compare_plan(blend, plan) if _mode(ours) == "pretrain" else (None, None)
     problems += [problem] if problem else []
     warnings += [warning] if warning else []

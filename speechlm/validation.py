@@ -26,6 +26,7 @@ class PerSetValidation(Callback):
         self.sets = dict(sorted(sets.items()))
         self.forward_step_func = forward_step_func
         self._loaders: dict[str, object] | None = None
+        self._evaluated_at: int | None = None
 
     def _dataset(self, cfg, name: str, prefix: str, n_samples: int):
         """The held-out samples of one set: a copy of the training dataset config reading only this
@@ -76,3 +77,13 @@ class PerSetValidation(Callback):
                     state.wandb_logger.log({f"validation/{name} lm loss": loss, f"validation/{name} ppl": ppl}, step)
         finally:
             state.train_state.consumed_valid_samples = consumed
+        self._evaluated_at = step
+
+    def on_train_end(self, context) -> None:
+        # After train(), Bridge's pretrain() evaluates the validation set once more. When the last
+        # iteration has just been evaluated (train_iters a multiple of eval_interval) that is the
+        # same evaluation again, per-set passes included: skip it. Every checkpoint is written by now.
+        state = context.state
+        if self._evaluated_at == state.train_state.step and state.train_state.do_valid:
+            state.train_state.do_valid = False
+            print_rank_last(f" validation at iteration {self._evaluated_at} already done: not repeated after training")

@@ -1,5 +1,6 @@
-"""Checkpoint retention and provenance follow a save once it is durable (issue 15, defect 7):
-right after a synchronous save, at Bridge's finalize step for an asynchronous one.
+"""Checkpoint retention: the rule and the save-interval schedule (issue 7), and retention and
+provenance following a save once it is durable (issue 15, defect 7): right after a synchronous
+save, at Bridge's finalize step for an asynchronous one.
 
 CPU has no asynchronous save, so the manager test drives Bridge's real finalize path
 (`DefaultCheckpointManager.finalize_async_saves` -> the async queue) with a stand-in for the
@@ -24,6 +25,14 @@ from speechlm import checkpoints  # noqa: E402
 from speechlm.conversion import TRACKER_FILE  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def test_retention_rule_and_schedule():
+    assert checkpoints.checkpoints_to_delete([5, 10, 15, 20, 25], keep_last=2, pinned={10}) == [5, 15]
+    assert checkpoints.checkpoints_to_delete([5], keep_last=5, pinned=set()) == []
+    schedule = [[30000, 5000], [None, 10000]]
+    assert [checkpoints.save_interval_at(i, schedule) for i in (0, 25000, 29999, 30000, 90000)] == \
+        [5000, 5000, 5000, 10000, 10000]
 
 
 def _iter(save: Path, step: int) -> Path:

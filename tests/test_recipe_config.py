@@ -1,6 +1,8 @@
 """The recipe -> ConfigContainer path applies what the recipe says (issue 15): weight decay, a run
 that would start from random weights, the blend's planned tokens against the run's, misspelled
-keys, and the effective settings the dry run prints (read from built Megatron objects).
+keys, and the effective settings the dry run prints (read from built Megatron objects); the 1B
+recipe sized for a cluster, recipes that cannot work, and SFT's check of the pretraining
+checkpoint's token layout.
 
 Every case is a dry run; all of them run in one subprocess (tests/workers/recipe_config.py), so
 that this pytest process never switches on the CPU mode and the Megatron import is paid once.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +24,7 @@ import yaml
 
 from conftest import REPO
 from speechlm.recipe import load_recipe
+from speechlm.token_layout import TokenLayout
 
 RECIPES = REPO / "recipes"
 SMOKE_TOKENS = 20 * 4 * 64  # smoke.yaml: train_iters x global_batch_size x seq_length
@@ -64,6 +68,15 @@ def _blend_with_plan(synthetic_blend: Path, out: Path, planned_tokens: int) -> P
     return out
 
 
+def _pretraining_checkpoint(root: Path, layout_hash: str) -> Path:
+    """A pretraining save directory as speechlm.train leaves it: tracker + iter_*/provenance.json."""
+    (root / "iter_0000040").mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("40")
+    provenance = {"iteration": 40, "layout_hash": layout_hash, "recipe": {"optimizer": {"min_lr": 3.0e-4}}}
+    (root / "iter_0000040" / "provenance.json").write_text(json.dumps(provenance))
+    return root
+
+
 def _cases(expanded_tiny_dir: Path, synthetic_blend: Path, tmp: Path) -> list[dict]:
     shaped = {k: _shaped(expanded_tiny_dir, tmp / f"llama-{k}", v) for k, v in SHAPES.items()}
     resumable = tmp / "resumable"  # a save directory with a checkpoint in it: the run resumes
@@ -105,7 +118,24 @@ def _cases(expanded_tiny_dir: Path, synthetic_blend: Path, tmp: Path) -> list[di
         "typo_section": smoke("optimiser.lr=0.1"),
         "typo_ours": smoke("speechlm.warmup_fracton=0.2"),
         "typo_base_chain": smoke(config=tmp / "typo_child.yaml"),
+        "wandb_project": smoke("logger.wandb_project=speechlm"),
     }
+    # Sizing and refusals of the 1B recipe at cluster scale (the 1B architecture, no weights).
+    def one_b(world: int, *extra: str) -> list[str]:
+        return ["--config", str(RECIPES / "pretrain_llama32_1b.yaml"), "--dry-run", "--world-size", str(world),
+                f"speechlm.hf_model={shaped['1b']}", f"speechlm.blend={synthetic_blend}",
+                f"checkpoint.save={tmp / 'fresh'}", *extra]
+
+    cases["sizes_1b"] = one_b(16, "speechlm.train_tokens=10000000000", "speechlm.from_scratch=true")
+    cases["cannot_tp3"] = one_b(36, "model.tensor_model_parallel_size=3")
+    cases["blend_missing"] = one_b(1, "speechlm.blend=/nonexistent/blend.yaml")
+    # SFT from a pretraining checkpoint: its provenance's token layout must be the model's.
+    ours, other = TokenLayout.load(expanded_tiny_dir).layout_hash, TokenLayout(language_tags=True).layout_hash
+    for name, layout_hash in (("sft_same_layout", ours), ("sft_other_layout", other)):
+        cases[name] = smoke(config="sft_smoke.yaml", start=False) + [
+            f"checkpoint.pretrained_checkpoint={_pretraining_checkpoint(tmp / name, layout_hash)}"]
+    cases["sft_same_layout_iter"] = smoke(config="sft_smoke.yaml", start=False) + [
+        f"checkpoint.pretrained_checkpoint={tmp / 'sft_same_layout' / 'iter_0000040'}"]
     cases = [{"name": k, "argv": v} for k, v in cases.items()]
     for name, (recipe, shape, world, gpu) in EFFECTIVE.items():
         model = shaped[shape] if shape else expanded_tiny_dir
@@ -261,3 +291,48 @@ def test_effective_settings_are_the_recipes(results, name):
     else:
         assert m["transformer_impl"] == "local" and m["layer_spec"] == "local_layer_spec", m
         assert not any(m["fusions"].values()), m
+
+
+# --- the 1B recipe at cluster scale, and a recipe that cannot work -----------------------------------
+
+
+def test_dry_run_sizes_the_1b_recipe(results):
+    out = _ok(results["sizes_1b"])["stdout"]
+    assert "ranks 16 = TP 1 x PP 1 x DP 16" in out
+    assert "tokens per step 524,288" in out
+    assert "steps 19,074 (warm-up 1,907)" in out  # ceil(1e10 / 524288), 10 %
+    assert re.search(r"parameters \(B\)\s+1\.3[0-9]", out)  # 1.37 B with the 193,792-row tied embedding
+    total = float(re.search(r"total\s+([0-9.]+)", out)[1])
+    assert 10 < total < 80, out  # fits an 80 GB H100
+    assert "audio/hi" in out and "epochs" in out
+
+
+def test_a_recipe_that_cannot_work_fails_before_training(results):
+    err = _refused(results["cannot_tp3"])
+    assert "global_batch_size=256 is not divisible" in err
+    assert "tensor_model_parallel_size=3 must divide the attention heads (32)" in err
+    assert "blend file not found: /nonexistent/blend.yaml" in _refused(results["blend_missing"])
+
+
+# --- SFT checks the pretraining checkpoint's token layout ------------------------------------------------
+
+
+def test_sft_refuses_a_pretraining_checkpoint_of_another_layout(results, expanded_tiny_dir):
+    _ok(results["sft_same_layout"])
+    _ok(results["sft_same_layout_iter"])  # the iteration directory itself
+    err = _refused(results["sft_other_layout"])
+    ours, other = TokenLayout.load(expanded_tiny_dir).layout_hash, TokenLayout(language_tags=True).layout_hash
+    assert "the SFT recipe cannot work" in err and other in err and ours in err, err
+    assert re.search(r"sft_other_layout/iter_0000040", err), err
+
+
+def test_wandb_logging_needs_wandb_installed(results):
+    """wandb is not in requirements.lock (the NeMo container has it): asking for it without it
+    installed is refused before training, not a traceback at the first log step."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        err = _refused(results["wandb_project"])
+        assert "logger.wandb_project='speechlm' needs wandb" in err and "pip install wandb" in err, err
+    else:
+        _ok(results["wandb_project"])

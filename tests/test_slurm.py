@@ -162,27 +162,12 @@ def _train_env(model, blend, ckpt) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_pretrain_job_through_the_pyxis_flags_leaves_a_checkpoint(cluster, expanded_tiny_dir, synthetic_blend, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    # CONTAINER_IMAGE set: srun gets --container-image/--container-mounts (the CI cluster's pyxis
-    # stub accepts them; tasks run in this environment).
-    job = sbatch("pretrain.sh", ["--ntasks-per-node=2", "--time=00:15:00"], ["train.train_iters=6"], tmp_path,
-                 CONTAINER_IMAGE="speechlm-ci.sqsh", CONTAINER_MOUNTS=f"{tmp_path}:{tmp_path}",
-                 CONTAINER_WORKDIR=str(REPO), **_train_env(expanded_tiny_dir, synthetic_blend, ckpt))
-    log = tmp_path / f"speechlm-pretrain-{job}.out"
-    info = wait_job(job, 900, log)
-    text = log.read_text()
-    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (info, text[-4000:])
-    assert "--container-image=speechlm-ci.sqsh" in text and "2 ranks" in text
-    assert _iterations(text)[-1] == 6, text[-3000:]
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
-
-
-@pytest.mark.slow
 def test_time_limit_signals_checkpoints_requeues_and_finishes(cluster, expanded_tiny_dir, synthetic_blend, tmp_path):
     """SLURM signals the batch shell (--signal=B:USR1@320) once the time left falls under 320 s;
     the script forwards it to the ranks, which checkpoint and exit; the job requeues itself and
-    the next run resumes from the checkpoint to the last iteration.
+    the next run resumes from the checkpoint to the last iteration. The job goes through the
+    pyxis flags (CONTAINER_IMAGE set: srun gets --container-image/--container-mounts; the CI
+    cluster's pyxis stub accepts them and the tasks run in this environment).
 
     How long start-up takes depends on the machine's load, so the time limit is made short once
     the ranks are training (scontrol update, as a short --time would be), and long again while
@@ -191,7 +176,9 @@ def test_time_limit_signals_checkpoints_requeues_and_finishes(cluster, expanded_
     iters = 150  # more than run 1 can do between the limit change and the signal (<= 30 s sweep)
     job = sbatch("pretrain.sh", ["--ntasks-per-node=2", "--time=00:20:00", "--signal=B:USR1@320"],
                  [f"train.train_iters={iters}", "checkpoint.save_interval=1000", "validation.eval_interval=1000"],
-                 tmp_path, MAX_REQUEUES="3", **_train_env(expanded_tiny_dir, synthetic_blend, ckpt))
+                 tmp_path, MAX_REQUEUES="3", CONTAINER_IMAGE="speechlm-ci.sqsh",
+                 CONTAINER_MOUNTS=f"{tmp_path}:{tmp_path}", CONTAINER_WORKDIR=str(REPO),
+                 **_train_env(expanded_tiny_dir, synthetic_blend, ckpt))
     log = tmp_path / f"speechlm-pretrain-{job}.out"
     wait_for(log, r"iteration\s+2/", job, 600)
     started = job_info(job)["StartTime"]
@@ -206,6 +193,7 @@ def test_time_limit_signals_checkpoints_requeues_and_finishes(cluster, expanded_
     text = log.read_text()
     assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (info, text[-4000:])
     assert int(info["Restarts"]) >= 1
+    assert "--container-image=speechlm-ci.sqsh" in text and "2 ranks" in text
     assert "received SIGUSR1: asking the tasks to checkpoint and exit" in text
     assert "exiting program after receiving SIGTERM" in text
     assert "tasks stopped after SIGUSR1 with exit code 0" in text, text[-4000:]  # not killed (OOM, hard limit)
