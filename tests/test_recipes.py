@@ -175,6 +175,10 @@ def test_1b_loss_falls_and_everything_is_logged(pt_1b_run):
     assert sorted(held_out) == sorted(SETS), held_out
     for name in SETS:  # each held-out set on its own, on the same samples each time: it falls
         assert held_out[name][20] < held_out[name][10], (name, held_out[name])
+        # Evaluated once at the last iteration: Bridge's repeat after training is skipped.
+        assert log.count(f"validation {name} at iteration 20 |") == 1, name
+    assert "validation at iteration 20 already done: not repeated after training" in log
+    assert "on validation set" not in log
     tags = _tensorboard_tags(ckpt.parent / "tensorboard")
     for name in SETS:
         assert f"validation/{name} lm loss" in tags and f"validation/{name} ppl" in tags, sorted(tags)
