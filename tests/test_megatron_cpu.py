@@ -60,18 +60,19 @@ def step():  # an output layer's logits (~100 MB) and their softmax, allocated a
     probs = torch.softmax(logits, -1)
     del logits, probs
 out = []
-for _ in range(10):
+for _ in range(30):
     before = faults()
     step()
     out.append(faults() - before)
-print(sum(out[-4:]))
+print(sum(out[-10:]))
 """
 
 
 def test_cpu_mode_reuses_freed_large_tensors():
     """glibc's default maps each ~100 MB tensor afresh (~24,000 page faults each, every step);
     after cpu_compat.keep_freed_memory() the heap grows for a few steps (torch's 64-byte-aligned
-    blocks do not always fit the freed ones), then the steps reuse it: no page faults."""
+    blocks do not always fit the freed ones; measured: up to 8 steps of 30, which step varies from
+    run to run), then the steps reuse it: no page faults in the last 10."""
     faults = {}
     for mode in ("default", "keep"):
         proc = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, mode], cwd=REPO, capture_output=True, text=True,
@@ -79,5 +80,5 @@ def test_cpu_mode_reuses_freed_large_tensors():
         assert proc.returncode == 0, proc.stderr[-2000:]
         faults[mode] = int(proc.stdout.split()[-1])
     pages = 128 * 193_792 * 4 // 4096  # of one tensor
-    assert faults["default"] > 4 * pages, faults  # the last 4 steps, 2 tensors each
+    assert faults["default"] > 10 * pages, faults  # the last 10 steps, 2 tensors each
     assert faults["keep"] < pages // 10, faults
