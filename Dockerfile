@@ -10,7 +10,7 @@
 ARG NEMO_IMAGE=nvcr.io/nvidia/nemo:26.08
 FROM ${NEMO_IMAGE}
 
-# Our pins (the same as requirements.lock and speechlm/cpu_compat.py; tests check they agree).
+# Our pins (the same as requirements.lock and speechlm/train/cpu_compat.py; tests check they agree).
 ARG MEGATRON_BRIDGE_VERSION=0.6.2
 ARG MEGATRON_CORE_VERSION=0.19.2
 

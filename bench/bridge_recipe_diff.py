@@ -36,7 +36,7 @@ def write_1b_config_dir(out: Path) -> Path:
     """A 1B-shaped HF config dir (config.json + token_layout.json, no weights): all build_config reads."""
     from transformers import LlamaConfig
 
-    from speechlm import tiny
+    from speechlm.demo import tiny
     from speechlm.token_layout import VOCAB_SIZE, TokenLayout
 
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def write_1b_config_dir(out: Path) -> Path:
 
 
 def ours(recipe_path: Path, hf_model: Path, blend: Path | None, overrides: list[str]):
-    from speechlm.train import build_config, load_recipe
+    from speechlm.train.run import build_config, load_recipe
 
     data = [f"speechlm.blend={blend}"] if blend else ["speechlm.blend=null", "dataset.blend=[[unused_prefix],null]"]
     recipe = load_recipe(recipe_path, [f"speechlm.hf_model={hf_model}", "checkpoint.save=/tmp/unused",
@@ -59,7 +59,7 @@ def ours(recipe_path: Path, hf_model: Path, blend: Path | None, overrides: list[
 
 def bridges(hf_model: Path, seq_length: int):
     """Bridge's H100 1B recipe with its hub model read from `hf_model`, at our sequence length."""
-    from speechlm import megatron_env  # noqa: F401  (CPU mode before any megatron.bridge import)
+    from speechlm.train import megatron_env  # noqa: F401  (CPU mode before any megatron.bridge import)
     from megatron.bridge import AutoBridge  # noqa: I001
     from megatron.bridge.recipes.llama.h100 import llama3 as h100
 
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.blend and not args.blend.is_file():
         p.error(f"--blend {args.blend} not found")
 
-    from speechlm import megatron_env  # noqa: F401  (CPU mode before any megatron.bridge import)
-    from speechlm.train import RecipeError
+    from speechlm.train import megatron_env  # noqa: F401  (CPU mode before any megatron.bridge import)
+    from speechlm.train.run import RecipeError
 
     with tempfile.TemporaryDirectory(prefix="bridge-recipe-diff-") as tmp:
         hf_model = args.hf_model or write_1b_config_dir(Path(tmp) / "llama32-1b-shaped")

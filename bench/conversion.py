@@ -3,11 +3,11 @@
 
 Builds a random bf16 model with Llama-3.2-1B's shapes (hidden 2048, 16 layers, 32 heads, 8 KV
 heads, intermediate 8192, tied embeddings) and the real Llama-3 tokenizer in a temporary
-directory (nothing is downloaded), expands it to 193,792 tokens with speechlm.vocab_expansion,
+directory (nothing is downloaded), expands it to 193,792 tokens with speechlm.model.vocab_expansion,
 then times, each in its own subprocess so the memory peaks do not mix:
   1. transformers from_pretrained + save_pretrained of the expanded model (the baseline),
-  2. speechlm.conversion.hf_to_megatron (TP 1, what conversion/hf_to_megatron.py runs),
-  3. speechlm.conversion.megatron_to_hf to bf16,
+  2. speechlm.model.conversion.hf_to_megatron (TP 1, what conversion/hf_to_megatron.py runs),
+  3. speechlm.model.conversion.megatron_to_hf to bf16,
   4. the same with --verify (Megatron and HF logits on the fixed batch).
 Prints wall time and peak RSS (high-water mark of the process and of any process it started).
 
@@ -46,17 +46,17 @@ m.save_pretrained(WORK + '/hf-resaved')
 """,
     "HF -> Megatron (hf_to_megatron, TP 1)": """
 import time; t0 = time.perf_counter()
-from speechlm.conversion import hf_to_megatron
+from speechlm.model.conversion import hf_to_megatron
 print(hf_to_megatron(SRC, WORK + '/megatron').format())
 """,
     "Megatron -> HF (megatron_to_hf, bf16)": """
 import time; t0 = time.perf_counter()
-from speechlm.conversion import megatron_to_hf
+from speechlm.model.conversion import megatron_to_hf
 print(megatron_to_hf(WORK + '/megatron', WORK + '/exported').format())
 """,
     "Megatron -> HF (megatron_to_hf, bf16, --verify)": """
 import time; t0 = time.perf_counter()
-from speechlm.conversion import megatron_to_hf
+from speechlm.model.conversion import megatron_to_hf
 print(megatron_to_hf(WORK + '/megatron', WORK + '/exported-verified', verify=True).format())
 """,
 }
@@ -94,7 +94,7 @@ def main() -> int:
     work = Path(tmp.name)
     base, src = work / "llama32-1b-random", work / "llama32-1b-speech"
 
-    from speechlm.vocab_expansion import expand_vocab
+    from speechlm.model.vocab_expansion import expand_vocab
 
     t0 = time.perf_counter()
     n = _make_llama32_1b()(base)

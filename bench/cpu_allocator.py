@@ -1,4 +1,4 @@
-"""The CPU mode's allocator setting (speechlm.cpu_compat.keep_freed_memory) against glibc's default.
+"""The CPU mode's allocator setting (speechlm.train.cpu_compat.keep_freed_memory) against glibc's default.
 
 The output layer of the expanded vocabulary dominates a CPU training step of the tiny models:
 logits of 193,792 columns, their cross-entropy and gradients. This times that part of a step
@@ -26,7 +26,7 @@ import torch
 keep = sys.argv[1] == "keep"
 steps, tokens, hidden, vocab = map(int, sys.argv[2:6])
 if keep:
-    from speechlm.cpu_compat import keep_freed_memory
+    from speechlm.train.cpu_compat import keep_freed_memory
     assert keep_freed_memory(), "mallopt failed"
 torch.manual_seed(0)
 torch.set_num_threads(1)

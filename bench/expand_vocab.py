@@ -4,7 +4,7 @@
 Builds a random bf16 model with Llama-3.2-1B's shapes (1.24 B parameters, tied 128,256 x 2,048
 embedding) and the real Llama-3 tokenizer in a temporary directory (nothing is downloaded), then
 times, each in its own subprocess so the memory peaks do not mix:
-  1. speechlm.vocab_expansion.expand_vocab (what conversion/expand_vocab.py runs),
+  1. speechlm.model.vocab_expansion.expand_vocab (what conversion/expand_vocab.py runs),
   2. transformers' from_pretrained + resize_token_embeddings(193792) + save_pretrained, with the
      default mean_resizing=True (stopped after --baseline-timeout seconds: its 2,048-dim
      MultivariateNormal sampling runs one matrix-vector product per row, ~0.1 s a row on this
@@ -37,7 +37,7 @@ _REPORT = (
 CHILDREN = {
     "expand_vocab (ours)": """
 import time; t0 = time.perf_counter()
-from speechlm.vocab_expansion import expand_vocab
+from speechlm.model.vocab_expansion import expand_vocab
 s = expand_vocab(SRC, OUT + '-ours')
 print(s.format())
 """,
@@ -78,7 +78,7 @@ def make_llama32_1b(out: Path) -> int:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from speechlm import tiny
+    from speechlm.demo import tiny
 
     config = LlamaConfig(
         vocab_size=tiny.LLAMA3_TEXT_VOCAB, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

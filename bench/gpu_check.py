@@ -76,10 +76,10 @@ def make_inputs(work: Path) -> tuple[Path, Path]:
     import numpy as np
 
     from bench.bridge_recipe_diff import write_1b_config_dir
-    from speechlm import tiny
-    from speechlm.blend_file import Blend
+    from speechlm.demo import tiny
+    from speechlm.data.blend_file import Blend
     from speechlm.token_layout import TokenLayout
-    from speechlm.vocab_expansion import expand_vocab
+    from speechlm.model.vocab_expansion import expand_vocab
 
     model = write_1b_config_dir(work / "llama32-1b-shaped")
     expanded = expand_vocab(tiny.make_tiny_llama(work / "tiny"), work / "tiny-expanded").output
@@ -146,7 +146,7 @@ def step_pretrain(a, work, model, blend, env) -> dict:
     rc, log, secs = run(torchrun(1, _train_args(model, blend, ckpt, a, f"speechlm.checkpoint_schedule=[[null,{every}]]",
                                                  "speechlm.keep_last=1", "checkpoint.async_save=true")),
                         work / "pretrain.log", a.step_timeout)
-    from speechlm import checkpoints
+    from speechlm.train import checkpoints
 
     kept = checkpoints.saved_iterations(ckpt)
     want = [a.iters]
@@ -173,12 +173,12 @@ def step_bridge_stock(a, work, model, blend, env) -> dict:
 
 def stock_worker(model: str, iters: int, global_batch: int, micro_batch: int) -> None:
     """Bridge's own H100 recipe, mock data, no checkpoints, our throughput callback (in torchrun)."""
-    from speechlm import megatron_env  # noqa: F401  (before any megatron.bridge import)
+    from speechlm.train import megatron_env  # noqa: F401  (before any megatron.bridge import)
     from bench.bridge_recipe_diff import bridges  # noqa: I001
     from megatron.bridge.training import gpt_step
     from megatron.bridge.training.pretrain import pretrain
 
-    from speechlm.train_metrics import ThroughputMetrics
+    from speechlm.train.metrics import ThroughputMetrics
 
     cfg = bridges(Path(model), 2048)
     cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size = iters, global_batch, micro_batch

@@ -5,7 +5,7 @@ the pairs run one by one (within bf16 tolerance), and no pair sees another.
     python bench/sft_packed_gpu_check.py --local         # CPU (or GPU): local spec + block-diagonal mask, fp32
     python bench/sft_packed_gpu_check.py --hf-model DIR  # a converted/expanded model instead of a random one
 
-The packed batch goes the way Bridge's training step takes it: speechlm.sft_data rows, default
+The packed batch goes the way Bridge's training step takes it: speechlm.data.sft_packing rows, default
 collation, `gpt_step.get_batch_from_iterator`, `_packed_metadata_for_forward` and
 `get_packed_seq_params`. Prints a JSON report; exits 1 when a check fails. See docs/sft.md.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from speechlm import megatron_env  # noqa: E402  (CPU mode before any megatron.bridge import)
+from speechlm.train import megatron_env  # noqa: E402  (CPU mode before any megatron.bridge import)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from speechlm.sft_data import build_row, row_to_sample, speech_span
+    from speechlm.data.sft_packing import build_row, row_to_sample, speech_span
     from speechlm.token_layout import TokenLayout
 
     dist.init_process_group(megatron_env.distributed_backend())

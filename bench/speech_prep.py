@@ -72,7 +72,8 @@ def main() -> None:
 
     import webdataset as wds
 
-    from speechlm.data import speech
+    from speechlm.data import speech, speech_samples
+    from speechlm.data.model_dir import load_model_dir
     from speechlm.data.shards import iter_samples
     from speechlm.token_layout import TokenLayout
 
@@ -113,9 +114,9 @@ def main() -> None:
             for url in shards:
                 with open(url, "rb", buffering=0) as f:
                     for _key, fields in iter_samples(f):
-                        codes = speech.parse_npy(fields["codes.npy"])
+                        codes = speech_samples.parse_npy(fields["codes.npy"])
                         meta = json.loads(fields["json"])
-                        n += speech.codes_problem(codes) is None and meta["language"] is not None
+                        n += speech_samples.codes_problem(codes) is None and meta["language"] is not None
             return n
 
         runs = {}
@@ -137,7 +138,7 @@ def main() -> None:
         wall, cpu, out = best
         runs[f"build_speech task ({args.kind}: validate, format, write)"] = (wall, cpu)
         # fixed cost of a task, not per segment: layout + tokenizer check and load (tts)
-        _, lwall, lcpu = timed(lambda: speech.load_model_dir(model, need_tokenizer=args.kind == "tts"))
+        _, lwall, lcpu = timed(lambda: load_model_dir(model, need_tokenizer=args.kind == "tts"))
         runs["  same, without loading the model dir"] = (wall - lwall, cpu - lcpu)
         manifest, mwall, mcpu = timed(lambda: speech.merge(out, progress=False))
         tokens = manifest["totals"]["tokens"]

@@ -66,8 +66,8 @@ def best(fn, repeat: int):
 
 
 def model_dir(tmp: Path) -> Path:
-    from speechlm import tiny
-    from speechlm.vocab_expansion import expand_vocab
+    from speechlm.demo import tiny
+    from speechlm.model.vocab_expansion import expand_vocab
 
     return expand_vocab(tiny.make_tiny_llama(tmp / "tiny"), tmp / "tiny-speech").output
 

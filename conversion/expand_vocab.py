@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Expand a Hugging Face Llama-3 checkpoint to the speech-token vocabulary (193,792 tokens).
 
-Thin command-line entry point; the logic is in speechlm.vocab_expansion.
+Thin command-line entry point; the logic is in speechlm.model.vocab_expansion.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = p.parse_args(argv)
 
-    from speechlm.vocab_expansion import ExpansionError, expand_vocab
+    from speechlm.model.vocab_expansion import ExpansionError, expand_vocab
 
     try:
         summary = expand_vocab(

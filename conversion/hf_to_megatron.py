@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert a speech-expanded HF Llama-3 model to a Megatron torch_dist checkpoint (Megatron-Bridge AutoBridge).
 
-Thin command-line entry point; the logic is in speechlm.conversion.
+Thin command-line entry point; the logic is in speechlm.model.conversion.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = p.parse_args(argv)
 
-    from speechlm.conversion import ConversionError, hf_to_megatron
+    from speechlm.model.conversion import ConversionError, hf_to_megatron
     from speechlm.token_layout import LayoutMismatchError
 
     try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export a Megatron checkpoint (converted or from training) to a Hugging Face model directory.
 
-Thin command-line entry point; the logic is in speechlm.conversion.
+Thin command-line entry point; the logic is in speechlm.model.conversion.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from speechlm.conversion import VERIFY_TOLERANCE
+    from speechlm.model.conversion import VERIFY_TOLERANCE
 
     tol = ", ".join(f"{k} {v:g}" for k, v in VERIFY_TOLERANCE.items())
     p = argparse.ArgumentParser(
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = p.parse_args(argv)
 
-    from speechlm.conversion import ConversionError, VerificationError, megatron_to_hf
+    from speechlm.model.conversion import ConversionError, VerificationError, megatron_to_hf
     from speechlm.token_layout import LayoutMismatchError
 
     try:

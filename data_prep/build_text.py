@@ -36,27 +36,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import os
 import sys
 
-
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    return int(v) if v not in (None, "") else default
+from speechlm.data import build_cli
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="build_text.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="+", help="input files: local paths, directories or globs, s3://bucket/key, "
-                    "s3://bucket/prefix/, s3 globs; brace ranges expanded (.jsonl[.gz], .json[.gz], .parquet)")
-    ap.add_argument("--model", help="expanded model dir (token_layout.json + tokenizer.json)")
-    ap.add_argument("--output", required=True, help="output directory (one per source)")
+    build_cli.add_model_options(
+        ap, input_help="input files: local paths, directories or globs, s3://bucket/key, "
+        "s3://bucket/prefix/, s3 globs; brace ranges expanded (.jsonl[.gz], .json[.gz], .parquet)",
+        output_help="output directory (one per source)")
     ap.add_argument("--source", help="corpus name (names prefixes and datasets: text/<source>/<lang>)")
     ap.add_argument("--format", choices=("json", "parquet"), help="input format (default: from the file name)")
-    ap.add_argument("--seq-length", type=int, default=2048, help="training sequence length; documents never exceed it (default 2048)")
-    ap.add_argument("--valid-fraction", type=float, default=0.01,
-                    help="share of records held out for validation, by a hash of the text (default 0.01)")
+    build_cli.add_split_options(
+        ap, valid_help="share of records held out for validation, by a hash of the text (default 0.01)")
     g = ap.add_argument_group("record schema")
     g.add_argument("--text-field", default="text", help="field holding the text (default text)")
     g.add_argument("--template", help="'aya' or a format string over fields, e.g. '{inputs}\\n\\n{targets}'")
@@ -71,69 +65,35 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-repeated-lines", type=float, help="most share of lines repeating an earlier one (web 0.3, instruction off; 1 = off)")
     g.add_argument("--max-boilerplate-lines", type=float, help="most share of lines with a boilerplate phrase (both 0.2; 1 = off)")
     g.add_argument("--no-filters", action="store_true", help="turn every quality filter off")
-    g = ap.add_argument_group("parallelism")
-    g.add_argument("--num-tasks", type=int, default=_env_int("SLURM_ARRAY_TASK_COUNT", 1), help="tasks sharing the files (default SLURM_ARRAY_TASK_COUNT or 1)")
-    g.add_argument("--task-index", type=int, help="this task, 0-based (default SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, or 0)")
-    g.add_argument("--merge", action="store_true", help="only merge finished partials")
-    g.add_argument("--no-merge", action="store_true", help="do not merge even when this is the only task")
-    g = ap.add_argument_group("S3 / R2")
-    g.add_argument("--profile", help="AWS profile (default AWS_PROFILE)")
-    g.add_argument("--endpoint-url", help="S3 endpoint (default R2_ENDPOINT_URL or AWS_ENDPOINT_URL)")
-    g.add_argument("--max-attempts", type=int, default=10, help="attempts per S3 request and resumes per file (default 10)")
-    ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    build_cli.add_task_options(ap, unit="file", merge_help="only merge finished partials")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("speechlm").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    from speechlm import s3
-    from speechlm.data import text
+    ap = parser()
+    args = ap.parse_args(argv)
+    build_cli.setup_logging(args.quiet)
+    from speechlm.data import text, text_filters
 
-    try:
-        if args.merge:
-            print(text.format_manifest(text.merge(args.output, progress=not args.quiet)))
-            return 0
-        missing = [f"--{n}" for n in ("input", "model", "source") if getattr(args, n) is None]
-        if missing:
-            parser().error(f"missing {', '.join(missing)}")
-        task_index = args.task_index
-        if task_index is None:
-            task_index = _env_int("SLURM_ARRAY_TASK_ID", 0) - _env_int("SLURM_ARRAY_TASK_MIN", 0)
+    def build(task_index: int) -> dict:
         if args.no_filters:
-            filters = text.Filters(0, 0.0, None, None)
+            filters = text_filters.Filters(0, 0.0, None, None)
         else:
             preset = args.preset or ("instruction" if args.template is not None else "web")
             flags = dict(min_chars=args.min_chars, min_letter_share=args.min_letter_share,
                          max_repeated_line_share=args.max_repeated_lines, max_boilerplate_line_share=args.max_boilerplate_lines)
-            filters = dataclasses.replace(text.FILTER_PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
+            filters = dataclasses.replace(text_filters.FILTER_PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
         template = args.template
         if template is not None:  # a shell cannot easily pass a newline: accept \n and \t
             template = template.replace("\\n", "\n").replace("\\t", "\t")
-        s3s = s3.S3Settings.from_env(profile=args.profile, endpoint_url=args.endpoint_url, max_attempts=args.max_attempts)
-        summary = text.build(
-            args.input, args.model, args.output, args.source,
-            merge_after=args.num_tasks == 1 and not args.no_merge,
-            seq_length=args.seq_length, valid_fraction=args.valid_fraction, text_field=args.text_field,
-            template=template, language_field=args.language_field or None, default_language=args.language,
-            input_format=args.format, filters=filters, num_tasks=args.num_tasks, task_index=task_index,
-            s3_settings=s3s, progress=not args.quiet,
+        return text.build(
+            args.input, args.model, args.output, args.source, text_field=args.text_field, template=template,
+            language_field=args.language_field or None, default_language=args.language, input_format=args.format,
+            filters=filters, **build_cli.build_kwargs(args, task_index),
         )
-    except text.SpeechDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if summary["failed"]:
-        for url, why in summary["failed"]:
-            print(f"FAILED {url}: {why}", file=sys.stderr)
-        print(f"{len(summary['failed'])} files failed (not marked done): rerun this task to retry them", file=sys.stderr)
-        return 1
-    if "manifest" in summary:
-        print(text.format_manifest(summary["manifest"]))
-    else:
-        print(f"task {task_index}/{args.num_tasks}: {summary['task_files']} of {summary['files']} files done; "
-              f"merge with: data_prep/build_text.py --merge --output {args.output}")
-    return 0
+
+    return build_cli.run(args, ap, required=("input", "model", "source"), build=build, merge=text.merge,
+                         format_manifest=text.format_manifest, unit="file", merge_command="data_prep/build_text.py --merge")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(a later rerun then has to process every shard again)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    from speechlm.data import speech
+    from speechlm.data import partials, speech
 
     try:
         manifest = speech.merge(args.output, progress=not args.quiet)
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(speech.format_manifest(manifest))
     if args.clean:
-        shutil.rmtree(Path(args.output) / speech.PARTIALS)
+        shutil.rmtree(Path(args.output) / partials.PARTIALS)
     return 0
 
 

@@ -18,7 +18,7 @@ TRAVELS_WITH=(.cache/tokenizer-llama3)  # carried too: the Llama-3 tokenizer the
 # What speechlm's training, checkpoint, conversion and synthesis modules import beyond torch and
 # transformers (found by importing them with only these on the path). HF datasets, megatron-energon,
 # PIL and nvidia-modelopt (~120 MB with pyarrow, scipy, PuLP) get stand-ins instead, for code paths
-# we never take: speechlm.cpu_compat._apply_no_te.
+# we never take: speechlm.train.cpu_compat._apply_no_te.
 PACKAGES=(megatron-core megatron-bridge omegaconf einops tensorboard protobuf absl-py)
 SDIST_ONLY=(antlr4-python3-runtime)  # no wheel on PyPI: built here (pure Python)
 

@@ -46,7 +46,7 @@ say "installing the pinned stack (first run: a few minutes, ~6 GB with torch's C
     || die "pip install megatron-bridge==$BRIDGE_VERSION failed (output above)."
 "${pip[@]}" install -q --no-deps --no-build-isolation -e . || die "installing the speechlm package failed."
 
-# --- the XCodec2 decoder (codes -> audio; speechlm/xcodec2_decoder.py) ---------------------------
+# --- the XCodec2 decoder (codes -> audio; speechlm/synthesize/xcodec2_decoder.py) ---------------
 # --no-deps: xcodec2 pins torch==2.5.0; requirements-codec.txt lists what the decode path imports.
 say "installing the XCodec2 decode path (requirements-codec.txt)"
 "${pip[@]}" install -q --no-deps -r requirements-codec.txt \
@@ -65,7 +65,7 @@ for dist, names in {"einx": ("test", "docs"), "torchtune": ("recipes",)}.items()
             shutil.rmtree(path)
             print(f"setup: removed {path} (installed by {dist})")
 PY
-"$VENV/bin/python" -c 'from speechlm import xcodec2_decoder; xcodec2_decoder._decoder_class()' \
+"$VENV/bin/python" -c 'from speechlm.synthesize import xcodec2_decoder; xcodec2_decoder._decoder_class()' \
     || die "the XCodec2 decode path does not import (traceback above): requirements-codec.txt and requirements.lock disagree."
 
 # --- the real Llama-3 tokenizer ---------------------------------------------------------------

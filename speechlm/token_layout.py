@@ -182,7 +182,7 @@ class TokenLayout:
     # that stream every seq_length tokens, so samples start at arbitrary offsets into documents. A
     # document of L tokens is whole in a sample only when it starts at most seq_length + 1 - L
     # tokens into one; otherwise it is cut in two and its second part is trained without the first
-    # as context (e.g. codes without their transcript). SFT packing (speechlm.sft_data) keeps pairs whole.
+    # as context (e.g. codes without their transcript). SFT packing (speechlm.data.sft_packing) keeps pairs whole.
     @property
     def audio_overhead(self) -> int:
         """Tokens of an audio document that are not codes: [tag] start end EOD."""

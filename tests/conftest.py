@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from speechlm import tiny
+from speechlm.demo import tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -40,7 +40,7 @@ def tiny_llama_untied_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def expanded_tiny_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     """`tiny_llama_dir` expanded to the speech vocabulary (193,792 tokens, no language tags, seed 0)."""
-    from speechlm.vocab_expansion import expand_vocab
+    from speechlm.model.vocab_expansion import expand_vocab
 
     return expand_vocab(tiny_llama_dir, tmp_path_factory.mktemp("expanded") / "tiny-llama32-speech").output
 
@@ -72,7 +72,7 @@ def write_synthetic_blend(model_dir: Path, out: Path, n_docs: int = 300, seed: i
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from speechlm.blend_file import Blend
+    from speechlm.data.blend_file import Blend
     from speechlm.token_layout import TokenLayout
 
     layout = TokenLayout.load(model_dir)
@@ -137,9 +137,9 @@ def converted_tiny_dir(expanded_tiny_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def expanded_tiny_8b_dir(tmp_path_factory) -> Path:
-    """A tiny model shaped like Llama-3.1-8B at TP 4 (speechlm.tiny), expanded; same token layout
+    """A tiny model shaped like Llama-3.1-8B at TP 4 (speechlm.demo.tiny), expanded; same token layout
     as `expanded_tiny_dir`, so `synthetic_blend` serves it too."""
-    from speechlm.vocab_expansion import expand_vocab
+    from speechlm.model.vocab_expansion import expand_vocab
 
     model = tiny.make_tiny_llama31_8b_shaped(tmp_path_factory.mktemp("tiny-llama31-8b"))
     return expand_vocab(model, tmp_path_factory.mktemp("expanded-8b") / "tiny-llama31-8b-speech").output

@@ -21,8 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # when run as a script
 
-from speechlm import checkpoints  # noqa: E402
-from speechlm.conversion import TRACKER_FILE  # noqa: E402
+from speechlm.train import checkpoints  # noqa: E402
+from speechlm.model.conversion import TRACKER_FILE  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,11 +87,11 @@ class FakeAsyncQueue:
 
 def _drive(out: str) -> None:
     """Saves through SpeechLMCheckpointManager, async and sync; a snapshot of the directory after each event."""
-    from speechlm import megatron_env  # noqa: F401  (CPU mode before any megatron.bridge import)
+    from speechlm.train import megatron_env  # noqa: F401  (CPU mode before any megatron.bridge import)
     from megatron.bridge.training.checkpointing import DefaultCheckpointManager
     from megatron.bridge.training.config import CheckpointConfig
 
-    from speechlm.checkpoint_manager import SpeechLMCheckpointManager
+    from speechlm.train.checkpoint_manager import SpeechLMCheckpointManager
 
     def bridge_save(self, ctx, callback_manager):
         # Bridge's save: the iteration directory now; the tracker when the save is durable.

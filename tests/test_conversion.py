@@ -217,7 +217,7 @@ def ckpt_copy(converted, tmp_path) -> Path:
 
 
 def _check(ckpt: Path):
-    from speechlm.conversion import check_checkpoint_layout, find_hf_source, resolve_iteration
+    from speechlm.model.conversion import check_checkpoint_layout, find_hf_source, resolve_iteration
 
     root, iter_dir, _ = resolve_iteration(ckpt)
     return check_checkpoint_layout(root, iter_dir, find_hf_source(root, iter_dir))

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from speechlm import synthetic_codec
-from speechlm.demo import ACCURACY_GOAL
+from speechlm.demo import synthetic_codec
+from speechlm.demo.pipeline import ACCURACY_GOAL
 
 pytestmark = pytest.mark.slow
 

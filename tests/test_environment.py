@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from speechlm.cpu_compat import SUPPORTED_VERSIONS
+from speechlm.train.cpu_compat import SUPPORTED_VERSIONS
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 

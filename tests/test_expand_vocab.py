@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from speechlm import token_layout as tl
-from speechlm import vocab_expansion as ve
+from speechlm.model import vocab_expansion as ve
 from speechlm.token_layout import TokenLayout
-from speechlm.vocab_expansion import ExpansionError, expand_vocab
+from speechlm.model.vocab_expansion import ExpansionError, expand_vocab
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "conversion" / "expand_vocab.py"

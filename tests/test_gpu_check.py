@@ -56,7 +56,7 @@ def test_wheel_bundle_size_is_checked(tmp_path):
 NO_TE = r"""
 import types, torch
 torch.cuda.is_available = lambda: True  # pretend a GPU: this machine has no TransformerEngine
-from speechlm import cpu_compat, megatron_env
+from speechlm.train import cpu_compat, megatron_env
 assert not megatron_env.CPU_MODE and megatron_env.NO_TE_GPU and not cpu_compat.is_active()
 assert not megatron_env.uses_te() and megatron_env.uses_te(True) and megatron_env.distributed_backend() == "nccl"
 p = types.SimpleNamespace(transformer_impl="transformer_engine", gradient_accumulation_fusion=True, apply_rope_fusion=True)
@@ -71,7 +71,7 @@ print("NO_TE_OK")
 
 STAND_INS = r"""
 import sys
-from speechlm import cpu_compat
+from speechlm.train import cpu_compat
 for name in list(sys.modules):
     if name.split(".")[0] in ("modelopt", "datasets"):
         del sys.modules[name]

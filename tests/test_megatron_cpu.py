@@ -29,7 +29,7 @@ def test_autobridge_roundtrip_is_exact(tiny_llama_dir, tmp_path, tp):
 
 
 def test_cpu_mode_refuses_unexpected_megatron_version():
-    from speechlm import cpu_compat
+    from speechlm.train import cpu_compat
 
     with pytest.raises(cpu_compat.UnsupportedMegatronVersion, match=r"megatron-core 0\.20\.0"):
         cpu_compat.check_versions({"megatron-core": "0.20.0", "megatron-bridge": "0.6.2"})
@@ -39,7 +39,7 @@ def test_cpu_mode_refuses_unexpected_megatron_version():
     script = (
         "import importlib.metadata as m; real = m.version\n"
         "m.version = lambda p: '0.18.0' if p == 'megatron-core' else real(p)\n"
-        "from speechlm import cpu_compat\n"
+        "from speechlm.train import cpu_compat\n"
         "cpu_compat.apply()\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -51,7 +51,7 @@ def test_cpu_mode_refuses_unexpected_megatron_version():
 _PAGE_FAULTS = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from speechlm.cpu_compat import keep_freed_memory
+    from speechlm.train.cpu_compat import keep_freed_memory
     assert keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

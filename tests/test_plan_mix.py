@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from speechlm import blend_file
+from speechlm.data import blend_file
 from speechlm.data import mix
 from speechlm.token_layout import EOD_ID, TokenLayout
 

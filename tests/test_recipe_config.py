@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from speechlm.recipe import load_recipe
+from speechlm.train.recipe import load_recipe
 from speechlm.token_layout import TokenLayout
 
 RECIPES = REPO / "recipes"

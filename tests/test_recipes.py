@@ -33,8 +33,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import REPO, run_torchrun
-from speechlm import checkpoints
-from speechlm.recipe import load_recipe
+from speechlm.train import checkpoints
+from speechlm.train.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def _losses(log: str, key: str = "lm loss") -> dict[int, float]:
 
 
 def _per_set(log: str) -> dict[str, dict[int, float]]:
-    """speechlm.validation's per-set losses: {set: {iteration: loss}} (the last line of each wins)."""
+    """speechlm.train.validation's per-set losses: {set: {iteration: loss}} (the last line of each wins)."""
     found: dict[str, dict[int, float]] = {}
     for name, it, loss in re.findall(r"validation (\S+) at iteration (\d+) \| lm loss: ([0-9.E+-]+)", log):
         found.setdefault(name, {})[int(it)] = float(loss)
@@ -188,7 +188,7 @@ def test_1b_loss_falls_and_everything_is_logged(pt_1b_run):
 
 
 def test_1b_checkpoints_are_retained_by_rule_and_record_provenance(pt_1b_run, synthetic_blend, expanded_tiny_dir):
-    from speechlm.blend_file import load
+    from speechlm.data.blend_file import load
     from speechlm.token_layout import TokenLayout
 
     ckpt, _, args = pt_1b_run
@@ -291,7 +291,7 @@ def _assert_stopped_and_resumed(row: dict, recipe: str) -> None:
     assert row["stopped"] == [2]
     assert f"loading distributed checkpoint from {ckpt} at iteration 2" in second  # its own, not the start
     assert sorted(_losses(second)) == [3, 4]
-    # Per-set validation at this TP, before the stop and after the resume (speechlm.validation).
+    # Per-set validation at this TP, before the stop and after the resume (speechlm.train.validation).
     for log, it in ((first, 2), (second, 4)):
         held_out = _per_set(log)
         assert sorted(held_out) == sorted(SETS) and all(it in held_out[s] for s in SETS), held_out
@@ -326,7 +326,7 @@ def row_8b(expanded_tiny_8b_dir, converted_tiny_8b_dir, synthetic_blend, tmp_pat
 
 
 def test_8b_at_tp4_validates_per_set_checkpoints_stops_resumes_and_exports(row_8b):
-    from speechlm.conversion import padded_vocab_size
+    from speechlm.model.conversion import padded_vocab_size
     from speechlm.token_layout import VOCAB_SIZE
 
     _assert_stopped_and_resumed(row_8b, "pretrain_llama31_8b")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # when run as a
 
 from conftest import REPO  # noqa: E402
 from speechlm import token_layout as tl  # noqa: E402
-from speechlm.sft_data import PackedTTSDataset, build_row, pack_rows, row_to_sample  # noqa: E402
+from speechlm.data.sft_packing import PackedTTSDataset, build_row, pack_rows, row_to_sample  # noqa: E402
 from speechlm.token_layout import TokenLayout  # noqa: E402
 
 
@@ -110,7 +110,7 @@ def test_dataset_order_is_fixed_by_the_seed(synthetic_blend):
 
 
 def _model_check(model_dir: str, blend: str, out: str) -> None:
-    from speechlm import megatron_env
+    from speechlm.train import megatron_env
 
     megatron_env.init_single_process_env()
     import torch
@@ -119,8 +119,8 @@ def _model_check(model_dir: str, blend: str, out: str) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from speechlm import sft, train
-    from speechlm.sft_data import speech_span
+    from speechlm.train import sft, run as train
+    from speechlm.data.sft_packing import speech_span
 
     dist.init_process_group(megatron_env.distributed_backend())
     parallel_state.initialize_model_parallel(1)

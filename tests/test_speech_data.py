@@ -18,8 +18,8 @@ import pytest
 import webdataset as wds
 
 from speechlm import token_layout as tl
+from speechlm.data import partials, speech, speech_samples
 from speechlm.data import shards as shards_mod
-from speechlm.data import speech
 from speechlm.token_layout import TokenLayout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,9 +60,9 @@ def expected_audio(layout: TokenLayout, samples: list[dict], seq: int, frac: flo
     out: dict[str, list[np.ndarray]] = {}
     for s in samples:
         lang = s["json"]["language"]
-        split = "valid" if speech.is_valid_key(s["__key__"], frac) else "train"
+        split = "valid" if partials.is_valid_key(s["__key__"], frac) else "train"
         for piece in layout.split_audio_codes(s["codes.npy"], seq):
-            out.setdefault(speech.prefix_name("audio", lang, split), []).append(layout.audio_document(piece, lang))
+            out.setdefault(partials.prefix_name("audio", lang, split), []).append(layout.audio_document(piece, lang))
     return out
 
 
@@ -339,7 +339,7 @@ def test_tar_reader_matches_webdataset(tmp_path):
     arr = np.arange(12, dtype=">i8").reshape(3, 4, order="F")
     buf = io.BytesIO()
     np.save(buf, arr)
-    np.testing.assert_array_equal(speech.parse_npy(buf.getvalue()), arr)
+    np.testing.assert_array_equal(speech_samples.parse_npy(buf.getvalue()), arr)
 
 
 # --- S3 ------------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def test_s3_stream_with_fault_resumes_and_matches_local(local_shards, expanded_t
     monkeypatch.setattr(botocore.response.StreamingBody, "read", flaky_read)
 
     out = tmp_path / "s3"
-    with caplog.at_level(logging.WARNING, logger="speechlm.s3"):
+    with caplog.at_level(logging.WARNING, logger="speechlm.data.s3"):
         summary = speech.build(f"s3://{bucket}/pt/shard-{{000000..000002}}.tar", expanded_tiny_dir, out, "audio",
                                seq_length=SEQ, progress=False)
     assert not summary["failed"]
@@ -436,10 +436,10 @@ def test_kill_and_rerun_gives_identical_bytes(local_shards, expanded_tiny_dir, t
 
     with monkeypatch.context() as mp:
         mp.setattr(speech._ShardWriter, "finalize", dying_finalize)
-        mp.setattr(speech.shutil, "rmtree", lambda *a, **k: None)  # SIGKILL cleans nothing up
+        mp.setattr(shutil, "rmtree", lambda *a, **k: None)  # SIGKILL cleans nothing up
         with pytest.raises(KeyboardInterrupt):
             speech.build(str(d), expanded_tiny_dir, out, "audio", seq_length=SEQ, valid_fraction=0.2, progress=False)
-    parts = out / speech.PARTIALS
+    parts = out / partials.PARTIALS
     assert len([p for p in parts.iterdir() if not p.name.startswith(".")]) == 1
     assert any(p.name.startswith(".tmp-") for p in parts.iterdir())  # the dead task's leftovers
     (out / ".audio_hi_train.tmp.bin").write_bytes(b"half a merge")  # and a killed merge's
@@ -468,7 +468,7 @@ def test_task_counts_give_identical_bytes(local_shards, expanded_tiny_dir, tmp_p
     assert not (three / "manifest.json").exists()
     assert load_cli("merge_speech").main(["--output", str(three), "--quiet"]) == 0
     assert output_bytes(three) == output_bytes(one)
-    assert speech.task_shards([f"s{i}" for i in range(7)], 3, 1) == ["s1", "s4"]
+    assert partials.task_shards([f"s{i}" for i in range(7)], 3, 1) == ["s1", "s4"]
 
     # inspect shows what the model reads
     capsys.readouterr()

@@ -14,9 +14,9 @@ import webdataset as wds
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from conftest import REPO
-from speechlm import synthetic_codec
+from speechlm.demo import synthetic_codec
 from speechlm import token_layout as tl
-from speechlm.synthesize import Item, SynthesisError, Synthesizer, read_batch, split_generated
+from speechlm.synthesize.synthesizer import Item, SynthesisError, Synthesizer, read_batch, split_generated
 from speechlm.token_layout import TokenLayout
 
 

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from speechlm.data import mix, speech
+from speechlm.data import mix, partials, speech
 from speechlm.data import text as T
+from speechlm.data import text_filters as TF
 from speechlm.token_layout import EOD_ID, TokenLayout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +72,7 @@ def expected_docs(hf_tok, records: list[tuple[str, str]], frac: float, seq: int,
         ids = hf_tok(text, add_special_tokens=False)["input_ids"]
         n = -(-len(ids) // (seq - 2))
         pieces = np.array_split(np.asarray(ids), n) if n > 1 else [np.asarray(ids)]
-        split = "valid" if speech.is_valid_key(text, frac) else "train"
+        split = "valid" if partials.is_valid_key(text, frac) else "train"
         out.setdefault(f"{source}_{lang}_{split}", []).extend(layout.text_document(p) for p in pieces)
     return out
 
@@ -177,24 +178,24 @@ def test_inputs_that_match_nothing_are_one_line_errors(expanded_tiny_dir, tmp_pa
 def test_letter_share_counts_indic_marks():
     for s in (HI, TA):
         naive = sum(c.isalpha() for c in s if not c.isspace()) / sum(not c.isspace() for c in s)
-        assert naive < 0.7 < T.letter_share(s)  # vowel signs/viramas are Mn/Mc: letters for us
-    assert T.letter_share("12345 67890 !!!") == 0.0
-    assert T.letter_share("abc 123") == pytest.approx(0.5)
-    assert T.letter_share("😀 ab") == pytest.approx(2 / 3)  # outside the BMP: the slow path
+        assert naive < 0.7 < TF.letter_share(s)  # vowel signs/viramas are Mn/Mc: letters for us
+    assert TF.letter_share("12345 67890 !!!") == 0.0
+    assert TF.letter_share("abc 123") == pytest.approx(0.5)
+    assert TF.letter_share("😀 ab") == pytest.approx(2 / 3)  # outside the BMP: the slow path
     text = HI + " 12 " + TA + " x!"
-    slow = [T._is_letter(c) for c in text if not c.isspace()]
-    assert T.letter_share(text) == pytest.approx(sum(slow) / len(slow))
+    slow = [TF._is_letter(c) for c in text if not c.isspace()]
+    assert TF.letter_share(text) == pytest.approx(sum(slow) / len(slow))
 
 
 def test_boilerplate_anchors_cover_the_patterns():
     import re
 
-    for p in T.BOILERPLATE_PATTERNS:  # the fast pre-check must never hide a match
+    for p in TF.BOILERPLATE_PATTERNS:  # the fast pre-check must never hide a match
         sample = {"accept (all )?cookies": "accept cookies", "terms (of use|and conditions|of service)": "terms of use",
                   "© ?\\d{4}": "© 2024", "powered by (wordpress|blogger)": "powered by wordpress",
                   "share on (facebook|twitter|whatsapp)": "share on twitter"}.get(p, p)
         assert re.search(p, sample, re.IGNORECASE), p
-        assert T.boilerplate_line_share(sample.upper() if "©" not in sample else sample) == 1.0, p
+        assert TF.boilerplate_line_share(sample.upper() if "©" not in sample else sample) == 1.0, p
 
 
 def test_each_filter_rule():
@@ -283,7 +284,7 @@ def test_instruction_preset_keeps_short_pairs(expanded_tiny_dir, hf_tok, tmp_pat
     assert json.loads((tmp_path / "web" / "manifest.json").read_text())["skips"] == {"too_short": 2}
     assert cli()([*args, "--output", str(tmp_path / "inst"), "--preset", "instruction"]) == 0
     m = json.loads((tmp_path / "inst" / "manifest.json").read_text())
-    assert m["skips"] == {} and m["settings"]["filters"] == dataclasses.asdict(T.FILTER_PRESETS["instruction"])
+    assert m["skips"] == {} and m["settings"]["filters"] == dataclasses.asdict(TF.FILTER_PRESETS["instruction"])
     docs = read_prefix(tmp_path / "inst" / "aya_hi_train")
     np.testing.assert_array_equal(docs[0], TokenLayout().text_document(hf_tok(pair, add_special_tokens=False)["input_ids"]))
     assert T.filter_reason(pair, T.Filters()) == "too_short" and T.filter_reason(snippet, T.Filters()) == "too_short"

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from speechlm import tiny
+from speechlm.demo import tiny
 from speechlm import token_layout as tl
 from speechlm.token_layout import LayoutMismatchError, TokenLayout
 

@@ -1,4 +1,4 @@
-"""The XCodec2 decode path (speechlm.xcodec2_decoder) with the real xcodec2 package and random weights.
+"""The XCodec2 decode path (speechlm.synthesize.xcodec2_decoder) with the real xcodec2 package and random weights.
 
 One 187M-parameter decoder is built for the module (~2 s); decoding on CPU takes seconds per
 second of audio, so the checkpoint round trips compare short code sequences.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from speechlm import synthesize, xcodec2_decoder
-from speechlm.xcodec2_decoder import SAMPLES_PER_CODE, CodecUnavailable
+from speechlm.synthesize import synthesizer as synthesize, xcodec2_decoder
+from speechlm.synthesize.xcodec2_decoder import SAMPLES_PER_CODE, CodecUnavailable
 
 SEMANTIC_KEY = "semantic_model.encoder.layers.0.ffn1.intermediate_dense.weight"  # as in the real checkpoint
 WINDOW_KEY = "generator.head.istft.window"

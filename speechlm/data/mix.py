@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import yaml
 
-from speechlm.blend_file import Blend
+from speechlm.data.blend_file import Blend
 
 KINDS = ("audio", "tts", "text")
 DEFAULT_SHARES = {"audio": 0.85, "tts": 0.10, "text": 0.05}

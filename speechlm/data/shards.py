@@ -9,18 +9,12 @@ samples/s on one core. A WebDataset shard only needs name, size and type from ea
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import gzip
-import io
-import os
 import re
 import zlib
 from typing import BinaryIO, Iterator
 
-from braceexpand import braceexpand
-
-from speechlm import s3
+from speechlm.data import inputs, s3
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _BLOCK = 512
@@ -34,55 +28,13 @@ class CorruptShardError(ValueError):
 
 
 # --- shard lists ------------------------------------------------------------------------------
-def _has_glob(s: str) -> bool:
-    return any(c in s for c in "*?[")
-
-
 def expand_spec(specs: str | list[str], client_factory=None) -> list[str]:
-    """Shard URLs/paths named by specs, sorted and de-duplicated.
-
-    Each spec is a local path, directory or glob, or `s3://bucket/key`, `s3://bucket/prefix/`
-    (every shard under it), or an s3 glob; brace ranges (`shard-{000000..000099}.tar`) are
-    expanded first. A brace-expanded name without a glob is taken as is (a missing object shows
-    up as a failed shard). `client_factory()` gives the S3 client (only called for s3 specs).
-    """
-    specs = [specs] if isinstance(specs, str) else list(specs)
-    out: set[str] = set()
-    client = None
-    for spec in specs:
-        for item in braceexpand(spec):
-            if item.startswith("s3://"):
-                if client is None:
-                    client = (client_factory or (lambda: s3.make_client()))()
-                out.update(_expand_s3(client, item))
-            else:
-                out.update(_expand_local(item))
+    """Shard URLs/paths named by specs, sorted and de-duplicated (`inputs.expand`; an s3 key that
+    is not a shard name is a prefix). FileNotFoundError if there are none."""
+    out = inputs.expand(specs, SHARD_SUFFIXES, client_factory, s3_keys_without_suffix_are_prefixes=True)
     if not out:
-        raise FileNotFoundError(f"no shards found for {specs}")
-    return sorted(out)
-
-
-def _is_shard(name: str) -> bool:
-    return name.endswith(SHARD_SUFFIXES)
-
-
-def _expand_local(item: str) -> list[str]:
-    if _has_glob(item):
-        return [p for p in glob.glob(item) if os.path.isfile(p)]
-    if os.path.isdir(item):
-        return [os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs if _is_shard(f)]
-    return [item]
-
-
-def _expand_s3(client, url: str) -> list[str]:
-    bucket, key = s3.split_url(url)
-    if _has_glob(key):
-        static = re.split(r"[*?\[]", key, maxsplit=1)[0]
-        return [f"s3://{bucket}/{k}" for k in s3.list_keys(client, bucket, static) if fnmatch.fnmatchcase(k, key)]
-    if key == "" or key.endswith("/") or not _is_shard(key):
-        # a prefix: every shard below it
-        return [f"s3://{bucket}/{k}" for k in s3.list_keys(client, bucket, key) if _is_shard(k)]
-    return [url]
+        raise FileNotFoundError(f"no shards found for {[specs] if isinstance(specs, str) else list(specs)}")
+    return out
 
 
 # --- opening ----------------------------------------------------------------------------------

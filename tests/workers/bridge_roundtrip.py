@@ -6,7 +6,7 @@ usage: torchrun --nproc-per-node N tests/workers/bridge_roundtrip.py HF_DIR OUT_
 import json
 import sys
 
-from speechlm import megatron_env  # noqa: F401  (CPU mode before any megatron.bridge import)
+from speechlm.train import megatron_env  # noqa: F401  (CPU mode before any megatron.bridge import)
 
 import torch
 import torch.distributed as dist

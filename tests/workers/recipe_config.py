@@ -5,7 +5,7 @@ usage: python tests/workers/recipe_config.py CASES.json OUT.json
 CASES.json: [{"name", "argv": speechlm.train arguments (a --dry-run), "effective": bool}, ...].
 For each case OUT.json holds the dry run's exit status, stdout and stderr, the scheduler's and
 optimizer's weight-decay fields of the built ConfigContainer, and with "effective" the effective
-settings as the dry run printed them (speechlm.effective_settings, read back from its YAML).
+settings as the dry run printed them (speechlm.train.effective_settings, read back from its YAML).
 """
 
 import contextlib
@@ -19,7 +19,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from speechlm import train  # noqa: E402  (CPU mode first)
+from speechlm.train import run as train  # noqa: E402  (CPU mode first)
 
 
 def _dry_run(argv: list[str]) -> dict:

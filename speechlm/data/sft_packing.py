@@ -15,7 +15,7 @@ causal `attention_mask` instead. RoPE is relative, so the positions continuing a
 the CPU form give the same attention scores as positions restarting per pair (the THD form).
 
 numpy, torch and megatron-core's IndexedDataset only: tests use it without Bridge's CPU mode.
-The Bridge dataset provider that builds these datasets is speechlm.sft.PackedTTSDatasetConfig.
+The Bridge dataset provider that builds these datasets is speechlm.train.sft.PackedTTSDatasetConfig.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ produces such a checkpoint on import (Bridge fills the extra rows with zeros); t
 padded size from the checkpoint's run config and drops the rows past 193,792.
 
 Every function here that builds a Megatron model is collective: under torchrun all ranks call it.
-Megatron is imported only inside those functions (after `speechlm.megatron_env`, which must come
+Megatron is imported only inside those functions (after `speechlm.train.megatron_env`, which must come
 before any megatron.bridge import): the checks of inputs and token layouts run, and fail, fast.
 """
 
@@ -32,6 +32,8 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from speechlm import atomic
 from speechlm import token_layout as tl
 from speechlm.token_layout import LayoutMismatchError, TokenLayout
 
@@ -129,7 +132,7 @@ def _rank() -> int:
 
 
 def _megatron_env():
-    from speechlm import megatron_env  # CPU mode, before any megatron.bridge import
+    from speechlm.train import megatron_env  # CPU mode, before any megatron.bridge import
 
     return megatron_env
 
@@ -186,20 +189,17 @@ def _check_output(out: Path, overwrite: bool, forbidden: Path) -> None:
         raise ConversionError(f"output {out} exists; pass --overwrite to replace it")
 
 
-def _prepare_output(out: Path, overwrite: bool, forbidden: Path) -> Path:
-    """The hidden sibling to build in (rank 0 creates it); the output appears only by rename."""
+@contextmanager
+def _output_dir(out: Path, overwrite: bool, forbidden: Path) -> Iterator[Path]:
+    """The hidden sibling to build `out` in, the same directory on every rank: rank 0 owns it
+    (atomic_path: renamed onto `out` when the block ends cleanly, removed on an error), the
+    other ranks only write into it. Collective when there are several ranks."""
+    if _rank() != 0:
+        yield _broadcast_path(None)
+        return
     _check_output(out, overwrite, forbidden)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic.atomic_path(out, directory=True) as tmp:
+        yield _broadcast_path(tmp)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -260,51 +260,45 @@ def hf_to_megatron(
         print("warning: PP > 1 with tied embeddings is poorly supported by Megatron-Bridge; prefer TP + DP")
 
     created = _init_distributed(tp, pp)
-    tmp: Path | None = None
     try:
-        tmp = _broadcast_path(_prepare_output(out, overwrite, src) if _rank() == 0 else None)
-        from megatron.bridge import AutoBridge
+        with _output_dir(out, overwrite, src) as tmp:
+            from megatron.bridge import AutoBridge
 
-        dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-        bridge = AutoBridge.from_hf_pretrained(src, torch_dtype=getattr(torch, dtype))
-        provider = bridge.to_megatron_provider(load_weights=True)
-        _megatron_env().adapt_provider(provider)
-        provider.tensor_model_parallel_size = tp
-        provider.pipeline_model_parallel_size = pp
-        if vocab_divisible_by:
-            provider.should_pad_vocab = True
-            provider.make_vocab_size_divisible_by = vocab_divisible_by
-        if provider.vocab_size != layout.vocab_size:
-            raise LayoutMismatchError(f"Bridge built a vocabulary of {provider.vocab_size}, the layout has {layout.vocab_size}")
-        if bool(provider.share_embeddings_and_output_weights) != tied:
-            raise ConversionError("internal error: Bridge's provider does not keep the embedding tying of the HF model")
-        provider.finalize()
-        model = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
-        padded = (padded_vocab_size(layout.vocab_size, provider.make_vocab_size_divisible_by, tp)
-                  if provider.should_pad_vocab else layout.vocab_size)
-        summary = ImportSummary(out, layout.layout_hash, tp, pp, layout.vocab_size, padded, tied,
-                                str(provider.params_dtype).removeprefix("torch."))
-        # The tokenizer is recorded in the run config and saved in iter_0000000/tokenizer by Bridge.
-        bridge.save_megatron_model(model, tmp, hf_tokenizer_path=str(src))
-        del model
-        if _rank() == 0:
-            hf = tmp / HF_SUBDIR
-            hf.mkdir()
-            for name in _HF_META_FILES:
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, hf / name)
-            summary.seconds = time.perf_counter() - t0
-            record = {**asdict(summary), "output": str(out), "source": str(src)}
-            (tmp / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            layout.save(tmp)  # the layout the checkpoint's rows follow; export checks it
-            _publish(tmp, out)
+            dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+            bridge = AutoBridge.from_hf_pretrained(src, torch_dtype=getattr(torch, dtype))
+            provider = bridge.to_megatron_provider(load_weights=True)
+            _megatron_env().adapt_provider(provider)
+            provider.tensor_model_parallel_size = tp
+            provider.pipeline_model_parallel_size = pp
+            if vocab_divisible_by:
+                provider.should_pad_vocab = True
+                provider.make_vocab_size_divisible_by = vocab_divisible_by
+            if provider.vocab_size != layout.vocab_size:
+                raise LayoutMismatchError(f"Bridge built a vocabulary of {provider.vocab_size}, the layout has {layout.vocab_size}")
+            if bool(provider.share_embeddings_and_output_weights) != tied:
+                raise ConversionError("internal error: Bridge's provider does not keep the embedding tying of the HF model")
+            provider.finalize()
+            model = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+            padded = (padded_vocab_size(layout.vocab_size, provider.make_vocab_size_divisible_by, tp)
+                      if provider.should_pad_vocab else layout.vocab_size)
+            summary = ImportSummary(out, layout.layout_hash, tp, pp, layout.vocab_size, padded, tied,
+                                    str(provider.params_dtype).removeprefix("torch."))
+            # The tokenizer is recorded in the run config and saved in iter_0000000/tokenizer by Bridge.
+            bridge.save_megatron_model(model, tmp, hf_tokenizer_path=str(src))
+            del model
+            if _rank() == 0:
+                hf = tmp / HF_SUBDIR
+                hf.mkdir()
+                for name in _HF_META_FILES:
+                    if (src / name).is_file():
+                        shutil.copyfile(src / name, hf / name)
+                summary.seconds = time.perf_counter() - t0
+                record = {**asdict(summary), "output": str(out), "source": str(src)}
+                (tmp / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+                layout.save(tmp)  # the layout the checkpoint's rows follow; export checks it
         if dist.get_world_size() > 1:
             dist.barrier()
         return summary
-    except BaseException:
-        if tmp is not None and _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     finally:
         _shutdown_distributed(created)
 
@@ -588,66 +582,62 @@ def megatron_to_hf(
     source = find_hf_source(root, iter_dir, hf_source)
     layout = check_checkpoint_layout(root, iter_dir, source)
     out = Path(output_dir).resolve()
-    tmp = _prepare_output(out, overwrite, root)
     created: bool | None = None
     try:
-        created = _init_distributed(1, 1)
-        from megatron.bridge import AutoBridge
+        with _output_dir(out, overwrite, root) as tmp:
+            created = _init_distributed(1, 1)
+            from megatron.bridge import AutoBridge
 
-        model, cfg, padded = load_megatron_for_export(iter_dir)
-        config = AutoConfig.from_pretrained(source)
-        config.vocab_size = layout.vocab_size
-        config.dtype = torch_dtype
-        tied = bool(config.tie_word_embeddings)
-        if bool(cfg.share_embeddings_and_output_weights) != tied:
-            raise ConversionError(
-                f"the checkpoint has {'tied' if cfg.share_embeddings_and_output_weights else 'untied'} embeddings, "
-                f"the HF config {source / 'config.json'} says tie_word_embeddings={tied}"
-            )
-        bridge = AutoBridge.from_hf_config(config)
-        state, stripped = _collect_hf_weights(bridge, model, layout.vocab_size, torch_dtype)
-        if stripped != padded - layout.vocab_size:
-            raise ConversionError(f"expected {padded - layout.vocab_size} padded rows, found {stripped}")
-        hf = _build_hf_model(config, state, tied)
-        del state
-        hf.save_pretrained(tmp)
-        del hf
-        _write_generation_config(source, tmp, layout)
-        for p in source.iterdir():  # tokenizer files, README, LICENSE...; not weights or configs we wrote
-            if (p.is_file() and not (tmp / p.name).exists() and p.name != tl.LAYOUT_FILE
-                    and not p.name.endswith(_WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")):
-                shutil.copyfile(p, tmp / p.name)
-        summary = ExportSummary(out, root, it, layout.layout_hash, dtype, stripped, tied)
-        if verify:
-            # On a GPU machine the model has TE layers, which do not run on the CPU it was loaded on.
-            device = _verify_device()
-            ids = verify_batch(layout)
-            ref = megatron_logits(model[0].to(device).eval(), ids, layout.vocab_size)
-            del model  # not needed past here: frees its (GPU) memory for the HF model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            exported = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).to(device).eval()
-            with torch.no_grad():
-                got = exported(ids.to(device)).logits.float().cpu()
-            del exported
-            scale = max(1.0, ref.abs().max().item())
-            diff = (got - ref).abs().max().item()
-            summary.verify = dict(
-                max_abs_diff=diff, max_abs_logit=ref.abs().max().item(), base_tolerance=VERIFY_TOLERANCE[dtype],
-                tolerance=VERIFY_TOLERANCE[dtype] * scale, tokens=ids.numel(),
-                speech_tokens=int(tl.is_speech(ids.numpy()).sum()), passed=diff <= VERIFY_TOLERANCE[dtype] * scale,
-            )
-            if not summary.verify["passed"]:
-                raise VerificationError(summary.format())
-        if not layout.check_tokenizer(tmp) == "expanded":
-            raise ConversionError("internal error: the exported tokenizer does not check as expanded")
-        layout.save(tmp)  # last: its presence marks a finished export
-        summary.seconds = time.perf_counter() - t0
-        _publish(tmp, out)
+            model, cfg, padded = load_megatron_for_export(iter_dir)
+            config = AutoConfig.from_pretrained(source)
+            config.vocab_size = layout.vocab_size
+            config.dtype = torch_dtype
+            tied = bool(config.tie_word_embeddings)
+            if bool(cfg.share_embeddings_and_output_weights) != tied:
+                raise ConversionError(
+                    f"the checkpoint has {'tied' if cfg.share_embeddings_and_output_weights else 'untied'} embeddings, "
+                    f"the HF config {source / 'config.json'} says tie_word_embeddings={tied}"
+                )
+            bridge = AutoBridge.from_hf_config(config)
+            state, stripped = _collect_hf_weights(bridge, model, layout.vocab_size, torch_dtype)
+            if stripped != padded - layout.vocab_size:
+                raise ConversionError(f"expected {padded - layout.vocab_size} padded rows, found {stripped}")
+            hf = _build_hf_model(config, state, tied)
+            del state
+            hf.save_pretrained(tmp)
+            del hf
+            _write_generation_config(source, tmp, layout)
+            for p in source.iterdir():  # tokenizer files, README, LICENSE...; not weights or configs we wrote
+                if (p.is_file() and not (tmp / p.name).exists() and p.name != tl.LAYOUT_FILE
+                        and not p.name.endswith(_WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")):
+                    shutil.copyfile(p, tmp / p.name)
+            summary = ExportSummary(out, root, it, layout.layout_hash, dtype, stripped, tied)
+            if verify:
+                # On a GPU machine the model has TE layers, which do not run on the CPU it was loaded on.
+                device = _verify_device()
+                ids = verify_batch(layout)
+                ref = megatron_logits(model[0].to(device).eval(), ids, layout.vocab_size)
+                del model  # not needed past here: frees its (GPU) memory for the HF model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                exported = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).to(device).eval()
+                with torch.no_grad():
+                    got = exported(ids.to(device)).logits.float().cpu()
+                del exported
+                scale = max(1.0, ref.abs().max().item())
+                diff = (got - ref).abs().max().item()
+                summary.verify = dict(
+                    max_abs_diff=diff, max_abs_logit=ref.abs().max().item(), base_tolerance=VERIFY_TOLERANCE[dtype],
+                    tolerance=VERIFY_TOLERANCE[dtype] * scale, tokens=ids.numel(),
+                    speech_tokens=int(tl.is_speech(ids.numpy()).sum()), passed=diff <= VERIFY_TOLERANCE[dtype] * scale,
+                )
+                if not summary.verify["passed"]:
+                    raise VerificationError(summary.format())
+            if not layout.check_tokenizer(tmp) == "expanded":
+                raise ConversionError("internal error: the exported tokenizer does not check as expanded")
+            layout.save(tmp)  # last: its presence marks a finished export
+            summary.seconds = time.perf_counter() - t0
         return summary
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     finally:
         if created is not None:
             _shutdown_distributed(created)

@@ -1,11 +1,11 @@
-"""Bridge checkpoint manager applying the rules of `speechlm.checkpoints` once each save is durable."""
+"""Bridge checkpoint manager applying the rules of `speechlm.train.checkpoints` once each save is durable."""
 
 from __future__ import annotations
 
 import torch.distributed as dist
 from megatron.bridge.training.checkpointing import DefaultCheckpointManager
 
-from speechlm.checkpoints import POLICY, after_durable_save, save_interval_at
+from speechlm.train.checkpoints import POLICY, after_durable_save, save_interval_at
 
 
 def _unfinalized(state) -> int:

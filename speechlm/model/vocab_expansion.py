@@ -15,7 +15,6 @@ so every new row is the mean (transformers PR #33325; axolotl PR #2000).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from speechlm import atomic
 from speechlm import token_layout as tl
 from speechlm.token_layout import TokenLayout
 
@@ -299,12 +299,8 @@ def expand_vocab(
 
     layout = TokenLayout(language_tags=language_tags)
     tied = bool(config.get("tie_word_embeddings", False))  # LlamaConfig's default is untied
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Build in a hidden sibling and rename at the end: a crash never leaves `out` half-written.
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic.atomic_path(out, directory=True) as tmp:
         rng = np.random.default_rng(seed)
         stats, dtype, hidden = write_weights(src, tmp, tied, rng, init_scale)
         write_tokenizer(src, tmp, layout)
@@ -315,12 +311,6 @@ def expand_vocab(
         if layout.check_tokenizer(tmp) != "expanded":
             raise ExpansionError("internal error: the written tokenizer does not check as expanded")
         layout.save(tmp)  # last: its presence marks a finished expansion
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExpansionSummary(
         output=out, layout_hash=layout.layout_hash, tied=tied, dtype=dtype, hidden_size=hidden,
         init_scale=init_scale, seed=seed, matrices=stats, seconds=time.perf_counter() - t0,

@@ -9,7 +9,7 @@ Bridge's `_pretrain_common()` defaults exactly as Bridge's own YAML overrides ar
 `speechlm` section for what Bridge has no field for (model directory, blend file, run length in
 tokens, warm-up as a fraction, checkpoint schedule and retention). A recipe may name a `base`
 recipe and state only what differs from it; a key that no section has is refused, naming the
-closest one. `speechlm.mode: sft` makes the run a text-to-speech fine-tuning (speechlm.sft,
+closest one. `speechlm.mode: sft` makes the run a text-to-speech fine-tuning (speechlm.train.sft,
 docs/sft.md): packed TTS pairs, loss on speech only, Bridge's finetune().
 """
 
@@ -28,18 +28,19 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from speechlm import megatron_env
+from speechlm.train import megatron_env
 
 import torch  # noqa: E402  (after the CPU mode)
 import yaml  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from speechlm import blend_file, checkpoints  # noqa: E402
-from speechlm.recipe import OUR_KEYS, RecipeError, load_recipe  # noqa: E402,F401  (re-exported)
+from speechlm.data import blend_file
+from speechlm.train import checkpoints  # noqa: E402
+from speechlm.train.recipe import OUR_KEYS, RecipeError, load_recipe  # noqa: E402,F401  (re-exported)
 from speechlm.token_layout import VOCAB_SIZE, LayoutMismatchError, TokenLayout  # noqa: E402
 
 OUR_SECTION = "speechlm"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # The run's tokens against the blend's planned_tokens (what its weights, epochs and caps assume):
 # a warning past 5 %, a refusal past 2x either way.
 PLAN_WARN, PLAN_REFUSE = 0.05, 2.0
@@ -92,7 +93,7 @@ def build_config(recipe: DictConfig, world_size: int, *, gpu: bool | None = None
     # Keep the model's vocabulary (193,792 after expansion): Bridge would re-derive it from the tokenizer.
     cfg.tokenizer.use_tokenizer_vocab_size = False
     cfg.dist.distributed_backend = megatron_env.distributed_backend(gpu)
-    cfg.checkpoint.custom_manager_class = "speechlm.checkpoint_manager.SpeechLMCheckpointManager"
+    cfg.checkpoint.custom_manager_class = "speechlm.train.checkpoint_manager.SpeechLMCheckpointManager"
     register_allowed_target_prefix("speechlm.")  # Bridge instantiates only allow-listed classes
 
     bridge_sections = OmegaConf.masked_copy(recipe, [k for k in recipe if k != OUR_SECTION])
@@ -113,10 +114,10 @@ def build_config(recipe: DictConfig, world_size: int, *, gpu: bool | None = None
         cfg.model.bf16 = cfg.model.fp16 = False
         cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
 
-    from speechlm import sft  # (also its rank-0 warning printer)
+    from speechlm.train import sft  # (also its rank-0 warning printer)
 
     sft_mode = _mode(ours) == "sft"
-    if sft_mode:  # SFT (speechlm.sft): the TTS pairs of the blend, packed, loss on speech only
+    if sft_mode:  # SFT (speechlm.train.sft): the TTS pairs of the blend, packed, loss on speech only
         blend = sft.select_data(cfg, ours, hf_model)
     else:
         blend = _apply_blend(cfg, ours, hf_model)
@@ -267,7 +268,7 @@ def _check_start(cfg, ours: dict) -> list[str]:
         return [f"{OUR_SECTION}.from_scratch=true but checkpoint.pretrained_checkpoint={start} is set: unset one of them"]
     resumes = bool(load) and (checkpoint_exists(load) or is_hf_checkpoint_dir(load))  # Bridge's test
     if _mode(ours) == "pretrain" and not (start or resumes or from_scratch):
-        # (SFT refuses a missing checkpoint itself, speechlm.sft.)
+        # (SFT refuses a missing checkpoint itself, speechlm.train.sft.)
         return [f"nothing to start from: set checkpoint.pretrained_checkpoint (the converted model, "
                 f"conversion/hf_to_megatron.py); no checkpoint to resume in checkpoint.load={load}. "
                 f"To train from random weights, set {OUR_SECTION}.from_scratch=true"]
@@ -362,7 +363,7 @@ def print_dry_run(recipe: DictConfig, cfg, plan: Plan, blend) -> None:
     print(f"LR peak {cfg.optimizer.lr:g} -> min {cfg.optimizer.min_lr:g} ({cfg.scheduler.lr_decay_style}); "
           f"checkpoints: schedule {checkpoints.POLICY['schedule'] or cfg.checkpoint.save_interval}, keep last {checkpoints.POLICY['keep_last']}")
     if _mode(OmegaConf.to_container(recipe.get(OUR_SECTION) or {})) == "sft":
-        from speechlm import sft
+        from speechlm.train import sft
 
         print(sft.describe(cfg))
     elif blend is not None:
@@ -380,9 +381,9 @@ def print_dry_run(recipe: DictConfig, cfg, plan: Plan, blend) -> None:
     print("estimated GPU memory per rank (GiB):")
     for k, v in estimate_memory_gib(cfg, plan).items():
         print(f"  {k:32s} {v:8.2f}")
-    from speechlm.effective_settings import effective_settings
+    from speechlm.train.effective_settings import effective_settings
 
-    print("# effective settings: what Megatron will apply, read from its own objects (speechlm.effective_settings)")
+    print("# effective settings: what Megatron will apply, read from its own objects (speechlm.train.effective_settings)")
     print(yaml.safe_dump(effective_settings(cfg, plan), sort_keys=False, default_flow_style=None, width=120), end="")
 
 
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="recipe YAML (recipes/*.yaml)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved recipe, step count, tokens per step, dataset epochs, a memory estimate and the "
-                             "effective settings (speechlm.effective_settings); train nothing")
+                             "effective settings (speechlm.train.effective_settings); train nothing")
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
                         help="number of ranks to plan for (default: $WORLD_SIZE or 1)")
     parser.add_argument("--gpu", action="store_true",
@@ -430,9 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     _forward_sigusr1()
     from megatron.bridge.training.pretrain import pretrain
 
-    from speechlm.train_metrics import ThroughputMetrics
-    from speechlm.training_step import forward_step
-    from speechlm.validation import PerSetValidation
+    from speechlm.train.metrics import ThroughputMetrics
+    from speechlm.train.forward_step import forward_step
+    from speechlm.train.validation import PerSetValidation
 
     peak = float(OmegaConf.select(recipe, f"{OUR_SECTION}.peak_tflops_per_gpu", default=989.0))
     callbacks = [ThroughputMetrics(peak, plan.world_size)]
@@ -442,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         from megatron.bridge.training import gpt_step
         from megatron.bridge.training.finetune import finetune
 
-        from speechlm import sft
+        from speechlm.train import sft
 
         finetune(cfg, gpt_step.forward_step, callbacks=callbacks + sft.callbacks(blend, gpt_step.forward_step))
         return

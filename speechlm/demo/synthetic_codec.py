@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from speechlm import atomic
 from speechlm.token_layout import CODEC_SIZE, CODES_PER_SECOND, LANGUAGES
 
 DEMO_LANGUAGES = ("hi", "ta", "en")
@@ -110,6 +111,7 @@ def write_dataset(codec: SyntheticCodec, out_dir: str | Path, *, tts_per_languag
     heldout.jsonl            {"id", "text", "language"}: sentences no training split contains
     heldout_codes.json       the codec's answer for each held-out id
     Files appear whole (written beside, then renamed); `done.json` last marks the set complete.
+    Temporary names are fixed (per_process=False): a rerun overwrites what a killed one left.
     """
     import webdataset as wds
 
@@ -126,8 +128,7 @@ def write_dataset(codec: SyntheticCodec, out_dir: str | Path, *, tts_per_languag
         n_shards = 0
         for start in range(0, len(order), shard_size):
             path = out / kind / f"shard-{n_shards:06d}.tar"
-            tmp = path.with_suffix(".tar.partial")
-            with wds.TarWriter(str(tmp)) as sink:
+            with atomic.atomic_path(path, per_process=False) as tmp, wds.TarWriter(str(tmp)) as sink:
                 for i in order[start:start + shard_size]:
                     s = sentences[i]
                     codes = codec.codes(s.text, s.language)
@@ -135,7 +136,6 @@ def write_dataset(codec: SyntheticCodec, out_dir: str | Path, *, tts_per_languag
                     if with_text:
                         meta["text"] = s.text
                     sink.write({"__key__": f"{kind}-{s.language}-{i:06d}", "codes.npy": codes, "json": meta})
-            tmp.rename(path)
             n_shards += 1
         return n_shards
 
@@ -146,21 +146,16 @@ def write_dataset(codec: SyntheticCodec, out_dir: str | Path, *, tts_per_languag
         for _ in range(text_paragraphs_per_language):
             sentences = [codec.random_sentence(lang, rng).text for _ in range(int(rng.integers(10, 16)))]
             lines.append(json.dumps({"text": ". ".join(sentences) + ".", "language": lang}, ensure_ascii=False))
-    _write_text(out / "text" / "corpus.jsonl", "\n".join(lines) + "\n")
+    atomic.write_text(out / "text" / "corpus.jsonl", "\n".join(lines) + "\n", per_process=False)
     ids = [f"{s.language}-{i:04d}" for i, s in enumerate(heldout)]
-    _write_text(out / "heldout.jsonl", "".join(
-        json.dumps({"id": k, "text": s.text, "language": s.language}, ensure_ascii=False) + "\n" for k, s in zip(ids, heldout)))
-    _write_text(out / "heldout_codes.json", json.dumps(
-        {k: codec.codes(s.text, s.language).tolist() for k, s in zip(ids, heldout)}))
+    heldout_lines = (json.dumps({"id": k, "text": s.text, "language": s.language}, ensure_ascii=False) + "\n"
+                     for k, s in zip(ids, heldout))
+    atomic.write_text(out / "heldout.jsonl", "".join(heldout_lines), per_process=False)
+    atomic.write_text(out / "heldout_codes.json", json.dumps(
+        {k: codec.codes(s.text, s.language).tolist() for k, s in zip(ids, heldout)}), per_process=False)
     counts.update(tts_pairs=len(tts), audio_segments=len(audio), text_paragraphs=len(lines), heldout=len(heldout))
-    _write_text(out / "done.json", json.dumps(counts, indent=1))
+    atomic.write_text(out / "done.json", json.dumps(counts, indent=1), per_process=False)
     return counts
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.rename(path)
 
 
 def token_accuracy(expected: dict[str, list[int]], generated: dict[str, list[int]]) -> dict[str, float]:

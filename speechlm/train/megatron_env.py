@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from speechlm import cpu_compat
+from speechlm.train import cpu_compat
 
 CPU_MODE = cpu_compat.apply()
 # A GPU without TransformerEngine (PyTorch + the megatron wheels only, docs/gpu.md): local layers.

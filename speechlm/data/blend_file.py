@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from speechlm import atomic
+
 VERSION = 1
 
 
@@ -51,12 +53,8 @@ class Blend:
         }
 
     def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.rename(path)
-        self.path = path
-        return path
+        self.path = atomic.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return self.path
 
 
 def _missing(prefix: str) -> bool:

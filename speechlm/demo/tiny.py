@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 NPM_TOKENIZER_DIR = Path(
     os.environ.get("SPEECHLM_TOKENIZER_CACHE", REPO_ROOT / ".cache" / "tokenizer-llama3" / "package" / "models")
 )

@@ -20,7 +20,7 @@ import copy
 import io
 from types import SimpleNamespace
 
-from speechlm import megatron_env
+from speechlm.train import megatron_env
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -122,7 +122,7 @@ def _vocabulary(cfg) -> dict:
     from megatron.bridge.training.setup import _validate_and_set_vocab_size
     from megatron.bridge.utils.vocab_utils import calculate_padded_vocab_size
 
-    from speechlm.recipe import RecipeError
+    from speechlm.train.recipe import RecipeError
 
     m = cfg.model
     tokenizer_vocab = _tokenizer_vocab_size(cfg.tokenizer)

@@ -2,7 +2,7 @@
 
 What differs from pretraining, applied to the Bridge ConfigContainer that speechlm.train builds:
 - data: only TTS pairs (the blend file's datasets of kind `tts`, or `dataset.blend`), packed by
-  `speechlm.sft_data` with the loss on the speech of each pair and attention within each pair;
+  `speechlm.data.sft_packing` with the loss on the speech of each pair and attention within each pair;
 - loss: averaged over the loss tokens of the whole global batch (`model.calculate_per_token_loss`),
   not per micro-batch, so rows with few speech tokens are not over-weighted;
 - init: a pretraining checkpoint (Bridge's `finetune()` refuses to start without one);
@@ -18,19 +18,19 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from speechlm import megatron_env  # CPU mode before any megatron.bridge import
+from speechlm.train import megatron_env  # CPU mode before any megatron.bridge import
 
 import yaml  # noqa: E402
 from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from speechlm import blend_file  # noqa: E402
-from speechlm.sft_data import PackedTTSDataset  # noqa: E402
+from speechlm.data import blend_file  # noqa: E402
+from speechlm.data.sft_packing import PackedTTSDataset  # noqa: E402
 from speechlm.token_layout import LayoutMismatchError, TokenLayout  # noqa: E402
-from speechlm.validation import PerSetValidation  # noqa: E402
+from speechlm.train.validation import PerSetValidation  # noqa: E402
 
 KIND = "tts"
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 @dataclass(kw_only=True)
@@ -172,7 +172,7 @@ def pretraining_final_lr(pretrained_checkpoint: str | None, pretrain_recipe: str
         if lr is not None:
             return float(lr), str(it / "run_config.yaml")
     if pretrain_recipe:
-        from speechlm.recipe import load_recipe
+        from speechlm.train.recipe import load_recipe
 
         path = Path(pretrain_recipe)
         path = path if path.is_absolute() or path.is_file() else RECIPES / path
@@ -204,7 +204,7 @@ def warn(messages: list[str]) -> None:
 
 
 class PackedPerSetValidation(PerSetValidation):
-    """speechlm.validation's per-set callback, each set read as packed TTS pairs."""
+    """speechlm.train.validation's per-set callback, each set read as packed TTS pairs."""
 
     def _dataset(self, cfg, name: str, prefix: str, n_samples: int) -> PackedTTSDataset:
         return cfg.dataset.dataset([prefix], n_samples, name)

@@ -1,7 +1,7 @@
 """Checkpoint policy on top of Bridge's own checkpointing: when to save, what to keep, and a
 record of how each checkpoint was made.
 
-The rules live here (no Megatron import); `speechlm.checkpoint_manager` plugs them into Bridge
+The rules live here (no Megatron import); `speechlm.train.checkpoint_manager` plugs them into Bridge
 through `checkpoint.custom_manager_class`, so saving and loading stay Bridge's (torch_dist,
 async on GPU). What Bridge has no setting for:
 - a schedule of save intervals (every 5,000 iterations up to 30,000, then every 10,000);
@@ -20,7 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
-from speechlm.conversion import TRACKER_FILE  # Megatron's tracker: the checkpoint a resume loads
+from speechlm.model.conversion import TRACKER_FILE  # Megatron's tracker: the checkpoint a resume loads
 
 ITER_DIR = re.compile(r"^iter_(\d{7})$")
 PIN_FILE = "PINNED"  # `touch SAVE_DIR/iter_0050000/PINNED` keeps that checkpoint forever

@@ -7,7 +7,7 @@ paths); only the sizes are tiny. Under --workdir:
   1  base/          a random Llama-3.2-architecture model (hidden 64, 4 layers) + the real Llama-3 tokenizer
   2  expanded/      conversion/expand_vocab.py: + 65,536 codec tokens (193,792 rows)
   3  ckpt/base/     conversion/hf_to_megatron.py
-  4  raw/           a synthetic learnable codec (speechlm.synthetic_codec) as WebDataset shards:
+  4  raw/           a synthetic learnable codec (speechlm.demo.synthetic_codec) as WebDataset shards:
                     TTS pairs, unpaired speech, a text corpus, held-out sentences
                     (--s3: served to the next stage from a local S3 endpoint)
   5  data/          data_prep/build_speech.py (tts, audio) and data_prep/build_text.py
@@ -28,16 +28,16 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from speechlm import synthetic_codec, tiny
+from speechlm import atomic
+from speechlm.demo import synthetic_codec, tiny
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # The demo's data sizes (training settings live in recipes/demo_*.yaml).
 DATA_SIZES = dict(tts_per_language=3000, audio_per_language=1000, text_paragraphs_per_language=60,
                   heldout_per_language=40)
@@ -102,7 +102,7 @@ def finished_iterations(ckpt: Path) -> int:
 
 
 def recipe_iters(recipe: str) -> int:
-    from speechlm.recipe import load_recipe
+    from speechlm.train.recipe import load_recipe
 
     return int(load_recipe(REPO / "recipes" / recipe).train.train_iters)
 
@@ -163,10 +163,9 @@ def run_pipeline(demo: Demo, args: argparse.Namespace) -> int:
 
     base, expanded = work / "base", work / "expanded"
     if demo.stage("tiny Llama-3.2 model with the real Llama-3 tokenizer", base, (base / "config.json").is_file()):
-        partial = work / ".base.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        tiny.make_tiny_llama(partial, **MODEL)
-        partial.rename(base)
+        # A fixed temporary name (.base.partial): a rerun replaces what a killed run left.
+        with atomic.atomic_path(base, directory=True, per_process=False) as tmp:
+            tiny.make_tiny_llama(tmp, **MODEL)
     if demo.stage("vocabulary expansion", expanded, (expanded / "token_layout.json").is_file()):
         demo.run("expand_vocab", [py, "conversion/expand_vocab.py", "--input", str(base), "--output", str(expanded)],
                  show=lambda line: "rows" in line or "wrote" in line.lower())

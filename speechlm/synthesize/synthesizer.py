@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from speechlm import atomic
 from speechlm import token_layout as tl
 from speechlm.token_layout import TokenLayout
 
@@ -188,15 +189,14 @@ def split_generated(new_ids: np.ndarray, layout: TokenLayout) -> dict:
 
 def write_wav(path: Path, samples: np.ndarray) -> None:
     """16-bit mono PCM at 16 kHz (stdlib wave: no audio dependency)."""
-    from speechlm.xcodec2_decoder import SAMPLE_RATE
+    from speechlm.synthesize.xcodec2_decoder import SAMPLE_RATE
     pcm = (np.clip(np.asarray(samples, np.float32), -1.0, 1.0) * 32767).astype("<i2")
-    tmp = path.with_name(path.name + ".partial")
-    with wave.open(str(tmp), "wb") as w:
+    # per_process=False: a resumed run overwrites the temporary file a killed run left (see _save_npy).
+    with atomic.atomic_path(path, per_process=False) as tmp, wave.open(str(tmp), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(SAMPLE_RATE)
         w.writeframes(pcm.tobytes())
-    tmp.rename(path)
 
 
 def load_codec(codec_dir: str | None, device: str):
@@ -204,7 +204,7 @@ def load_codec(codec_dir: str | None, device: str):
     if not codec_dir:
         print("no --codec directory given: writing codes only", flush=True)
         return None
-    from speechlm import xcodec2_decoder
+    from speechlm.synthesize import xcodec2_decoder
 
     try:
         return xcodec2_decoder.load(codec_dir, device)
@@ -216,17 +216,15 @@ def load_codec(codec_dir: str | None, device: str):
 # --- the run ----------------------------------------------------------------------------------
 
 
+# A rerun resumes in `out`: fixed temporary names (per_process=False) let it overwrite what a
+# killed run left half-written, instead of leaving it behind.
 def _save_npy(path: Path, codes: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
+    with atomic.atomic_path(path, per_process=False) as tmp, open(tmp, "wb") as f:
         np.save(f, codes.astype(np.int32))
-    tmp.rename(path)
 
 
 def _save_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1))
-    tmp.rename(path)
+    atomic.write_text(path, json.dumps(obj, ensure_ascii=False, indent=1), per_process=False)
 
 
 def synthesize(synth: Synthesizer, items: list[Item], out: Path, sampling: Sampling, *, batch_size: int = 8,

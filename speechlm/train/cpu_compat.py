@@ -104,7 +104,7 @@ def _apply_no_te() -> None:
     """A GPU without TransformerEngine (a bare machine: PyTorch plus the megatron wheels, see
     docs/gpu.md): the parts of the CPU mode that are about TE/Apex or the PyPI wheels being absent,
     none of the CUDA-to-CPU routing. The model then takes the local layer spec
-    (speechlm.megatron_env.adapt_provider)."""
+    (speechlm.train.megatron_env.adapt_provider)."""
     global _NO_TE_APPLIED
     if _NO_TE_APPLIED:
         return
@@ -158,7 +158,7 @@ class _Missing(types.ModuleType):
         root = self.__name__.split(".")[0]
         if name[:1].isupper():
             def fail(*args, **kwargs):
-                raise RuntimeError(f"{root} is not installed (speechlm.cpu_compat stand-in)")
+                raise RuntimeError(f"{root} is not installed (speechlm.train.cpu_compat stand-in)")
 
             value = type(name, (), {"__init__": fail})
         else:
@@ -167,7 +167,7 @@ class _Missing(types.ModuleType):
         return value
 
     def __call__(self, *args, **kwargs):
-        raise RuntimeError(f"{self.__name__.split('.')[0]} is not installed (speechlm.cpu_compat stand-in)")
+        raise RuntimeError(f"{self.__name__.split('.')[0]} is not installed (speechlm.train.cpu_compat stand-in)")
 
 
 # --- modules that cannot be installed without CUDA ------------------------------------------------
@@ -203,7 +203,7 @@ def _stub_missing_modules() -> None:
 
     class _Unavailable:
         def __init__(self, *args, **kwargs):
-            raise RuntimeError("TransformerEngine is not installed (speechlm.cpu_compat stand-in)")
+            raise RuntimeError("TransformerEngine is not installed (speechlm.train.cpu_compat stand-in)")
 
     class _Namespace(types.ModuleType):
         def __getattr__(self, name: str):

@@ -1,0 +1,1 @@
+"""The model stage: vocabulary expansion and HF <-> Megatron conversion of the expanded model."""

@@ -1,0 +1,1 @@
+"""The speaking stage: text -> speech codes (and audio) with an exported model (`python -m speechlm.synthesize`)."""
