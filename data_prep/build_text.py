@@ -35,7 +35,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from speechlm.data import build_cli
@@ -76,13 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     from speechlm.data import text, text_filters
 
     def build(task_index: int) -> dict:
-        if args.no_filters:
-            filters = text_filters.Filters(0, 0.0, None, None)
-        else:
-            preset = args.preset or ("instruction" if args.template is not None else "web")
-            flags = dict(min_chars=args.min_chars, min_letter_share=args.min_letter_share,
-                         max_repeated_line_share=args.max_repeated_lines, max_boilerplate_line_share=args.max_boilerplate_lines)
-            filters = dataclasses.replace(text_filters.FILTER_PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
+        filters = text_filters.NO_FILTERS if args.no_filters else text_filters.resolve_filters(
+            args.preset, templated=args.template is not None, min_chars=args.min_chars,
+            min_letter_share=args.min_letter_share, max_repeated_line_share=args.max_repeated_lines,
+            max_boilerplate_line_share=args.max_boilerplate_lines)
         template = args.template
         if template is not None:  # a shell cannot easily pass a newline: accept \n and \t
             template = template.replace("\\n", "\n").replace("\\t", "\t")

@@ -21,9 +21,9 @@ from typing import Any, Callable
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from speechlm import atomic
+from speechlm.data.mix import MANIFEST_FILE  # the planner reads what this writes; it stays Megatron-free
 from speechlm.data.partials import BUILD_FILE, DTYPE, PARTIALS, SPLITS, prefix_name, read_done, shard_id
 
-MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
 
 

@@ -3,9 +3,10 @@ long-form text that passes the quality filters (`Filters`, `filter_reason`)."""
 
 from __future__ import annotations
 
+
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,14 @@ FILTER_PRESETS = {
     "web": Filters(),
     "instruction": Filters(min_chars=0, min_letter_share=0.5, max_repeated_line_share=None),
 }
+NO_FILTERS = Filters(0, 0.0, None, None)
+
+
+def resolve_filters(preset: str | None, *, templated: bool, **overrides: float | int | None) -> Filters:
+    """A preset (default: instruction for templated records, else web) with the values given in
+    `overrides` (Filters' field names; None keeps the preset's)."""
+    base = FILTER_PRESETS[preset or ("instruction" if templated else "web")]
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _is_letter(ch: str) -> bool:

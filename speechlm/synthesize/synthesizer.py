@@ -121,7 +121,8 @@ class Synthesizer:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from speechlm.data.speech import SpeechDataError, load_model_dir
+        from speechlm.data.model_dir import load_model_dir
+        from speechlm.data.partials import SpeechDataError
 
         try:
             self.layout, self.tokenizer, _ = load_model_dir(model_dir, need_tokenizer=True)
@@ -136,7 +137,7 @@ class Synthesizer:
 
     def prompt(self, item: Item) -> np.ndarray:
         """The TTS training document's prefix: tokenized as build_speech.py does, framed by the layout."""
-        from speechlm.data.speech import encode_texts
+        from speechlm.data.model_dir import encode_texts
 
         ids = encode_texts(self.tokenizer, [item.text])[0]
         if not ids:
