@@ -82,3 +82,26 @@ def test_cpu_mode_reuses_freed_large_tensors():
     pages = 128 * 193_792 * 4 // 4096  # of one tensor
     assert faults["default"] > 10 * pages, faults  # the last 10 steps, 2 tensors each
     assert faults["keep"] < pages // 10, faults
+
+
+_SPAWNED_CHILD = """
+import multiprocessing as mp, sys
+from speechlm.train import megatron_env  # what importing speechlm.train.run as __mp_main__ runs first
+import torch
+torch.cuda.set_device(0)  # Megatron's async-save worker does this first
+print(megatron_env.CPU_MODE, torch.cuda.is_available(), sorted(m for m in sys.modules if m.startswith("megatron"))[:3])
+"""
+
+
+def test_cpu_mode_in_a_spawned_child_routes_cuda_without_importing_megatron():
+    """A child that multiprocessing spawns (Megatron's checkpoint-writer queue manager, its async-save
+    worker) imports the parent's main module, so the CPU mode. There it routes torch.cuda to the CPU
+    and imports no Megatron: the first save of every run waited ~15 s for that child's imports."""
+    runs = {}
+    for argv in ([], ["--multiprocessing-fork"]):  # how multiprocessing's spawn starts a child
+        proc = subprocess.run([sys.executable, "-c", _SPAWNED_CHILD, *argv], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[bool(argv)] = proc.stdout.strip().splitlines()[-1].split(None, 2)  # the print, after any log lines
+    assert runs[True] == ["True", "True", "[]"], runs  # CPU mode on, torch.cuda routed, no megatron module
+    assert runs[False][:2] == ["True", "True"] and "megatron" in runs[False][2], runs  # the full CPU mode

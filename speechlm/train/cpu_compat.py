@@ -89,6 +89,15 @@ def apply() -> bool:
         if not te_installed():
             _apply_no_te()
         return False
+    if spawned_child():
+        # A child that multiprocessing spawned imports the parent's main module, hence this module.
+        # Megatron spawns two per rank: its checkpoint writer's result-queue manager (at the first
+        # save, which waits until the child has imported) and the persistent async-save worker. They
+        # need torch.cuda on the CPU (the worker calls torch.cuda.set_device), not Megatron's
+        # patches, whose imports cost each run's first save ~15 s (docs/cpu_mode.md).
+        _route_torch_cuda_to_cpu()
+        _APPLIED = True
+        return True
     check_versions()
     _stub_missing_modules()
     _route_cuda_to_cpu()
@@ -297,7 +306,20 @@ class _Event:
 _MODE: _CudaToCpu | None = None
 
 
+def spawned_child() -> bool:
+    """True in a process that multiprocessing started with the 'spawn' method (its command line)."""
+    return "--multiprocessing-fork" in getattr(sys, "orig_argv", ())
+
+
 def _route_cuda_to_cpu() -> None:
+    _route_torch_cuda_to_cpu()
+    import megatron.core.tensor_parallel.random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+
+def _route_torch_cuda_to_cpu() -> None:
     global _MODE
     cuda = torch.cuda
     cuda.is_available = lambda: True  # bridge's initialize_megatron asserts it
@@ -328,12 +350,6 @@ def _route_cuda_to_cpu() -> None:
     cuda.set_stream = lambda s: None
     torch.accelerator.current_stream = lambda *a, **k: _Stream()
     torch.nn.Module.cuda = lambda self, *a, **k: self
-
-    import megatron.core.tensor_parallel.random as mcore_random
-
-    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
-    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
-
     _MODE = _CudaToCpu()
     _MODE.__enter__()
 
