@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -78,10 +79,15 @@ def test_demo_reads_the_shards_through_s3_with_the_same_result(demo_run, tmp_pat
     the datasets they build are byte-identical to the local-file run's."""
     assert demo_run.proc.returncode == 0
     work = tmp_path / "demo-s3"
+    # Stages 1-4 (model, expansion, conversion, raw shards) copied from the demo run, so they are
+    # reused: only the data prep reads through S3, from the same raw files.
+    for stage in ("base", "expanded", "ckpt/base", "raw"):
+        shutil.copytree(demo_run.work / stage, work / stage)
     proc = subprocess.run([sys.executable, "-m", "speechlm.demo", "--workdir", str(work), "--s3", "--stop-after", "6"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "serving" in proc.stdout and "as s3://demo/" in proc.stdout and "stopped after stage 6" in proc.stdout
+    assert re.findall(r"=== (\d+)/11 .*\[reused", proc.stdout) == ["1", "2", "3", "4"], proc.stdout[-3000:]
     assert "s3://demo/tts/shard-" in (work / "logs" / "build_tts.log").read_text() or \
         "s3://demo/tts/shard-" in (work / "data" / "tts" / "manifest.json").read_text()
     assert not (work / "ckpt" / "pretrain").exists()
