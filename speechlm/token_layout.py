@@ -165,6 +165,12 @@ class TokenLayout:
         head = np.array([BOS_ID] + self._tag(language), np.int32)
         return np.concatenate([head, _text_ids(text_ids), np.array([self.speech_start_id], np.int32)])
 
+    def cloning_prompt(self, text_ids: Any, reference_codes: Any, language: str | None = None) -> np.ndarray:
+        """BOS [<|lang_x|>] text <|speech_start|> reference codes: the TTS document whose text is the
+        reference transcript and the target text (`text_ids`, tokenized as one string), up to and
+        including the reference's codes. The model continues the speech, in the reference's voice."""
+        return np.concatenate([self.tts_prompt(text_ids, language), _codes(reference_codes)])
+
     def tts_document(self, text_ids: Any, codes: Any, language: str | None = None) -> np.ndarray:
         """BOS [<|lang_x|>] text <|speech_start|> s... <|speech_end|> EOD"""
         tail = np.array([self.speech_end_id, EOD_ID], np.int32)

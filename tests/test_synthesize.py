@@ -16,7 +16,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from conftest import REPO
 from speechlm.demo import synthetic_codec
 from speechlm import token_layout as tl
-from speechlm.synthesize.synthesizer import Item, SynthesisError, Synthesizer, read_batch, split_generated
+from speechlm.synthesize.synthesizer import (Item, Reference, SynthesisError, Synthesizer, load_reference, read_batch,
+                                             split_generated)
 from speechlm.token_layout import TokenLayout
 
 
@@ -46,6 +47,84 @@ def test_prompt_is_the_training_documents_prefix(expanded_tiny_dir, tmp_path):
         assert tl.is_speech(doc[len(prompt):len(prompt) + 1]).all()
         assert prompt[-1] == synth.layout.speech_start_id and prompt[0] == tl.BOS_ID
 
+
+
+def test_cloning_prompt_is_the_training_documents_prefix(expanded_tiny_dir, tmp_path):
+    """With a reference utterance the prompt is the TTS document of `reference transcript + " " +
+    text` (as build_speech.py writes it) up to and including the reference's codes, exactly."""
+    cases = {"hi": ("नमस्ते दुनिया।", "आज मौसम अच्छा है।"), "ta": ("வணக்கம்", "உலகம் <|s_12|> பெரியது"),
+             "en": ("Hello there.", "How are you?")}
+    rng = np.random.default_rng(0)
+    refs = {lang: rng.integers(0, tl.CODEC_SIZE, size=7 + i) for i, lang in enumerate(cases)}
+    targets = {lang: rng.integers(0, tl.CODEC_SIZE, size=5) for lang in cases}
+    with wds.TarWriter(str(tmp_path / "shard-000000.tar")) as sink:
+        for i, (lang, (ref_text, text)) in enumerate(cases.items()):
+            sink.write({"__key__": f"k{i}", "codes.npy": np.concatenate([refs[lang], targets[lang]]).astype(np.int32),
+                        "json": {"text": f"{ref_text} {text}", "language": lang}})
+    out = tmp_path / "tts"
+    subprocess.run([sys.executable, "data_prep/build_speech.py", "--input", str(tmp_path / "shard-000000.tar"),
+                    "--model", str(expanded_tiny_dir), "--output", str(out), "--kind", "tts", "--valid-fraction", "0",
+                    "--quiet"], cwd=REPO, check=True)
+    synth = Synthesizer(expanded_tiny_dir, device="cpu")
+    for lang, (ref_text, text) in cases.items():
+        dataset = IndexedDataset(str(out / f"tts_{lang}_train"))
+        doc = np.array(dataset[0])  # a copy while the dataset (its mmap) is alive
+        prompt = synth.prompt(Item("x", text, lang, Reference(ref_text, refs[lang].astype(np.int32), "ref.npy")))
+        assert np.array_equal(doc[: len(prompt)], prompt), lang
+        # It ends with the reference's codes; the target's codes come next in the training document.
+        assert np.array_equal(tl.ids_to_codes(prompt[-len(refs[lang]):]), refs[lang]), lang
+        assert np.array_equal(tl.ids_to_codes(doc[len(prompt):len(prompt) + 5]), targets[lang]), lang
+
+
+def test_cloning_outputs_only_new_codes_and_refuses_bad_references(expanded_tiny_dir, tmp_path):
+    ref = tmp_path / "ref.npy"
+    np.save(ref, np.arange(40, dtype=np.int32))
+    out = tmp_path / "o"
+    r = synthesize("--model", str(expanded_tiny_dir), "--text", "how are you", "--language", "en", "--out", str(out),
+                   "--prompt-codes", str(ref), "--prompt-text", "hello there", "--max-new-tokens", "6",
+                   "--temperature", "1.0", "--top-k", "0", "--top-p", "1.0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = json.loads((out / "utt.json").read_text())
+    codes = np.load(out / "utt.npy")
+    # Only what the model generated (at most 6 tokens), none of the reference's 40 codes.
+    assert stats["tokens_generated"] <= 6 and len(codes) == stats["codes"] <= 6
+    assert stats["reference"] == {"codes": 40, "text": "hello there", "source": str(ref)}
+    assert stats["prompt_tokens"] > 40
+
+    def refused(*args: str) -> str:
+        r = synthesize("--model", str(expanded_tiny_dir), "--text", "how are you", "--language", "en",
+                       "--out", str(tmp_path / "never"), *args)
+        assert r.returncode == 2 and not (tmp_path / "never").exists(), (r.returncode, r.stderr[-2000:])
+        return r.stderr
+
+    assert "has no transcript" in refused("--prompt-codes", str(ref))
+    # Bad references, each refused with its message (in-process: the same functions the CLI calls).
+    for codes, message in ((np.array([5, 65_536]), "code 65536 is outside 0..65535"),
+                           (np.array([-1, 3]), "code -1 is outside"),
+                           (np.array([1.5, 2.0]), "integer array"), (np.zeros(0, np.int32), "non-empty")):
+        bad = tmp_path / "bad.npy"
+        np.save(bad, codes)
+        with pytest.raises(SynthesisError, match=message):
+            load_reference(bad, "hello", "u1")
+    with pytest.raises(SynthesisError, match="cannot read reference codes"):
+        load_reference(tmp_path / "missing.npy", "hello", "u1")
+    with pytest.raises(SynthesisError, match="needs its reference codes"):
+        load_reference(None, "hello", "u1")
+    synth = Synthesizer(expanded_tiny_dir, device="cpu")
+    long_ref = Reference("hello", np.zeros(synth.max_positions - 20, np.int32), "long.npy")
+    with pytest.raises(SynthesisError, match="use a shorter reference"):
+        synth.check([Item("u1", "how are you", "en", long_ref)], 10.0, None)
+    # A batch names its references per line, relative to the jsonl file.
+    batch = tmp_path / "items.jsonl"
+    batch.write_text(json.dumps({"id": "c1", "text": "how are you", "language": "en", "prompt_codes": "ref.npy",
+                                 "prompt_text": "hello there"}) + "\n"
+                     + json.dumps({"id": "c2", "text": "fine", "language": "en", "prompt_codes": "ref.npy"}) + "\n")
+    with pytest.raises(SynthesisError) as e:
+        read_batch(batch)
+    assert "items.jsonl:2:" in str(e.value) and "no transcript" in str(e.value) and "items.jsonl:1:" not in str(e.value)
+    batch.write_text(batch.read_text().splitlines()[0] + "\n")
+    (item,) = read_batch(batch)
+    assert item.reference.text == "hello there" and item.reference.codes.tolist() == list(range(40))
 
 def test_split_generated_rejects_and_counts_non_codes():
     layout = TokenLayout()

@@ -2,10 +2,15 @@
 
     python -m speechlm.synthesize --model HF_DIR --text "नमस्ते दुनिया" --language hi --out DIR
     python -m speechlm.synthesize --model HF_DIR --batch items.jsonl --out DIR
+    python -m speechlm.synthesize --model HF_DIR --text "..." --language hi --out DIR --prompt-codes REF.npy --prompt-text "..."
 
 The prompt is the TTS training document up to its first code, built by the token layout from
 the transcript tokenized exactly as data_prep/build_speech.py does (`BOS [<|lang_x|>] text
-<|speech_start|>`). Generation (transformers) stops at `<|speech_end|>` or after a maximum
+<|speech_start|>`). Voice cloning (docs/synthesis.md): with a reference utterance (its codes, as
+in the training shards, and its transcript) the prompt is the TTS document of `reference
+transcript + " " + text` (one string, tokenized once) up to and including the reference's codes
+(`TokenLayout.cloning_prompt`); the model continues the speech in that voice, and only the new
+codes are output. Generation (transformers) stops at `<|speech_end|>` or after a maximum
 number of tokens derived from the text (--codes-per-char, or --max-new-tokens). Generated
 tokens that are not codec codes (text or special tokens) are rejected and counted, never
 passed on.
@@ -17,8 +22,9 @@ rejected, stop reason, seconds of audio, real-time factor), written last: an ite
 .json is finished. A batch run that is interrupted resumes without redoing finished items;
 summary.json covers every item of the input at the end.
 
-Batch input: one JSON object per line, {"id", "text", "language"}; ids name the output files
-([A-Za-z0-9._-], unique). Items are generated --batch-size at a time (left-padded), on GPU in
+Batch input: one JSON object per line, {"id", "text", "language"} and, to clone a voice,
+"prompt_codes" (a .npy path, relative to the jsonl file's directory) with "prompt_text"; ids name
+the output files ([A-Za-z0-9._-], unique). The generation limit counts the target text only. Items are generated --batch-size at a time (left-padded), on GPU in
 bf16 when one is present, else on CPU in fp32.
 """
 
@@ -31,7 +37,7 @@ import re
 import sys
 import time
 import wave
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +57,19 @@ class SynthesisError(ValueError):
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A voice to clone: an utterance's codes (0..65535) and its transcript."""
+    text: str
+    codes: np.ndarray
+    source: str  # where the codes came from (recorded in the item's .json)
+
+
+@dataclass(frozen=True)
 class Item:
     id: str
     text: str
     language: str
+    reference: Reference | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,30 @@ def check_item(item: Item) -> Item:
     language = item.language.strip().lower() if isinstance(item.language, str) else ""
     if language not in tl.LANGUAGES:
         raise SynthesisError(f"{item.id}: unknown language {item.language!r}; one of {', '.join(tl.LANGUAGES)}")
-    return Item(item.id, text, language)  # stripped, as build_speech.py keeps transcripts
+    return Item(item.id, text, language, item.reference)  # stripped, as build_speech.py keeps transcripts
+
+
+def load_reference(codes_path: str | Path | None, text: Any, item_id: str) -> Reference | None:
+    """A reference utterance from a .npy of codes and its transcript; None when neither is given."""
+    if codes_path is None and text is None:
+        return None
+    if codes_path is None:
+        raise SynthesisError(f"{item_id}: a prompt text needs its reference codes (--prompt-codes / prompt_codes)")
+    transcript = text.strip() if isinstance(text, str) else ""
+    if not transcript:
+        raise SynthesisError(f"{item_id}: the reference {codes_path} has no transcript: give --prompt-text / "
+                             "prompt_text (the words spoken in it)")
+    try:
+        codes = np.load(codes_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise SynthesisError(f"{item_id}: cannot read reference codes {codes_path}: {e}") from None
+    if codes.ndim != 1 or codes.size == 0 or not np.issubdtype(codes.dtype, np.integer):
+        raise SynthesisError(f"{item_id}: reference codes {codes_path}: need a non-empty 1-D integer array, "
+                             f"got {codes.dtype} {codes.shape}")
+    if codes.min() < 0 or codes.max() >= tl.CODEC_SIZE:
+        bad = int(codes[(codes < 0) | (codes >= tl.CODEC_SIZE)][0])
+        raise SynthesisError(f"{item_id}: reference codes {codes_path}: code {bad} is outside 0..{tl.CODEC_SIZE - 1}")
+    return Reference(transcript, codes.astype(np.int32), str(codes_path))
 
 
 def read_batch(path: str | Path) -> list[Item]:
@@ -98,7 +136,11 @@ def read_batch(path: str | Path) -> list[Item]:
                 rec = json.loads(line)
                 if not isinstance(rec, dict):
                     raise SynthesisError("not a JSON object")
-                item = check_item(Item(str(rec.get("id", "")), rec.get("text"), rec.get("language")))
+                item_id = str(rec.get("id", ""))
+                codes = rec.get("prompt_codes")
+                codes = Path(path).parent / codes if isinstance(codes, str) else codes
+                reference = load_reference(codes, rec.get("prompt_text"), item_id)
+                item = check_item(Item(item_id, rec.get("text"), rec.get("language"), reference))
                 if item.id in seen:
                     raise SynthesisError(f"duplicate id {item.id!r}")
             except (ValueError, SynthesisError) as e:
@@ -136,17 +178,38 @@ class Synthesizer:
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 131_072))
 
     def prompt(self, item: Item) -> np.ndarray:
-        """The TTS training document's prefix: tokenized as build_speech.py does, framed by the layout."""
+        """The TTS training document's prefix: tokenized as build_speech.py does, framed by the layout
+        (with a reference: the reference transcript and the text as one, then the reference's codes)."""
         from speechlm.data.model_dir import encode_texts
 
-        ids = encode_texts(self.tokenizer, [item.text])[0]
+        ref = item.reference
+        ids = encode_texts(self.tokenizer, [f"{ref.text} {item.text}" if ref else item.text])[0]
         if not ids:
             raise SynthesisError(f"{item.id}: text tokenizes to nothing")
-        return self.layout.tts_prompt(np.array(ids, np.int32), item.language)
+        if ref is None:
+            return self.layout.tts_prompt(np.array(ids, np.int32), item.language)
+        return self.layout.cloning_prompt(np.array(ids, np.int32), ref.codes, item.language)
 
     def max_new_tokens(self, item: Item, prompt_len: int, codes_per_char: float, cap: int | None) -> int:
+        """From the target text alone (a reference's transcript is not spoken again)."""
         n = cap if cap else max(MIN_NEW_TOKENS, math.ceil(codes_per_char * len(item.text))) + 1  # + <|speech_end|>
-        return max(1, min(n, self.max_positions - prompt_len))
+        room = self.max_positions - prompt_len
+        if item.reference is not None and room < n:
+            raise SynthesisError(f"{item.id}: the reference ({len(item.reference.codes)} codes) and the text take "
+                                 f"{prompt_len} tokens, leaving {max(room, 0)} of the model's {self.max_positions} "
+                                 f"positions for the {n} to generate: use a shorter reference")
+        return max(1, min(n, room))
+
+    def check(self, items: list[Item], codes_per_char: float, max_new_tokens: int | None) -> None:
+        """Every item's prompt and generation limit, before anything is generated: all problems at once."""
+        problems = []
+        for it in items:
+            try:
+                self.max_new_tokens(it, len(self.prompt(it)), codes_per_char, max_new_tokens)
+            except SynthesisError as e:
+                problems.append(str(e))
+        if problems:
+            raise SynthesisError("\n  ".join(problems[:20]) + (f"\n  ... {len(problems)} in all" if len(problems) > 20 else ""))
 
     def generate(self, items: list[Item], sampling: Sampling, codes_per_char: float = DEFAULT_CODES_PER_CHAR,
                  max_new_tokens: int | None = None) -> list[dict]:
@@ -249,7 +312,10 @@ def synthesize(synth: Synthesizer, items: list[Item], out: Path, sampling: Sampl
                 wav = f"{it.id}.wav"
             audio_s = len(r["codes"]) / tl.CODES_PER_SECOND
             spent = seconds_each + time.perf_counter() - t1
-            stats = {**asdict(it), "prompt_tokens": int(len(r["prompt"])), "tokens_generated": r["tokens_generated"],
+            ref = it.reference
+            stats = {"id": it.id, "text": it.text, "language": it.language,
+                     "reference": {"codes": int(len(ref.codes)), "text": ref.text, "source": ref.source} if ref else None,
+                     "prompt_tokens": int(len(r["prompt"])), "tokens_generated": r["tokens_generated"],
                      "codes": int(len(r["codes"])), "rejected": r["rejected"], "stop": r["stop"],
                      "audio_seconds": audio_s, "seconds": round(spent, 4),
                      "rtf": round(spent / audio_s, 4) if audio_s else None, "wav": wav}
@@ -283,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--batch", metavar="JSONL", help='a jsonl file of {"id", "text", "language"} per line')
     p.add_argument("--language", help="language of --text (one of %s)" % ", ".join(tl.LANGUAGES))
     p.add_argument("--id", default="utt", help="output name of --text (default utt)")
+    p.add_argument("--prompt-codes", metavar="NPY", help="voice cloning: a reference utterance's codes (int, 0..65535, "
+                   "as in the training shards) to continue in its voice; needs --prompt-text")
+    p.add_argument("--prompt-text", help="the transcript of the reference utterance (--prompt-codes)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--codec", metavar="DIR", help="local XCodec2 model directory (config.json + weights) to decode .wav")
     g = p.add_argument_group("generation")
@@ -305,10 +374,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.text is not None:
             if not a.language:
                 raise SynthesisError("--text needs --language")
-            items = [check_item(Item(a.id, a.text, a.language))]
+            reference = load_reference(a.prompt_codes, a.prompt_text, a.id)
+            items = [check_item(Item(a.id, a.text, a.language, reference))]
         else:
+            if a.prompt_codes or a.prompt_text:
+                raise SynthesisError("--prompt-codes/--prompt-text go with --text; a batch gives prompt_codes and "
+                                     "prompt_text per line")
             items = read_batch(a.batch)
         synth = Synthesizer(a.model, a.device)
+        synth.check(items, a.codes_per_char, a.max_new_tokens)
     except (SynthesisError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
