@@ -51,7 +51,11 @@ def saved_iterations(save_dir: str | Path) -> list[int]:
 
 
 def pinned_iterations(save_dir: str | Path, configured: list[int]) -> set[int]:
-    return set(configured) | {i for i in saved_iterations(save_dir) if (Path(save_dir) / f"iter_{i:07d}" / PIN_FILE).exists()}
+    return set(configured) | {i for i in saved_iterations(save_dir) if (iteration_dir(save_dir, i) / PIN_FILE).exists()}
+
+
+def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
 
 
 def tracked_iteration(save_dir: str | Path) -> int | None:
@@ -69,7 +73,7 @@ def after_durable_save(save_dir: str | Path, step: int, policy: dict | None = No
     tracker names. Returns the deleted iterations."""
     policy = POLICY if policy is None else policy
     save_dir = Path(save_dir)
-    ckpt = save_dir / f"iter_{step:07d}"
+    ckpt = iteration_dir(save_dir, step)
     if ckpt.is_dir():
         (ckpt / "provenance.json").write_text(json.dumps({"iteration": step, **policy["provenance"]}, indent=2))
     if not policy["keep_last"]:
@@ -77,5 +81,5 @@ def after_durable_save(save_dir: str | Path, step: int, policy: dict | None = No
     kept = pinned_iterations(save_dir, policy["pinned"]) | {step, tracked_iteration(save_dir)}
     old = checkpoints_to_delete([i for i in saved_iterations(save_dir) if i <= step], policy["keep_last"], kept)
     for i in old:
-        shutil.rmtree(save_dir / f"iter_{i:07d}", ignore_errors=True)
+        shutil.rmtree(iteration_dir(save_dir, i), ignore_errors=True)
     return old

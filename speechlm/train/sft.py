@@ -26,6 +26,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from speechlm.data import blend_file  # noqa: E402
 from speechlm.data.sft_packing import PackedTTSDataset  # noqa: E402
+from speechlm.train import checkpoints  # noqa: E402
 from speechlm.token_layout import LayoutMismatchError, TokenLayout  # noqa: E402
 from speechlm.train.validation import PerSetValidation  # noqa: E402
 
@@ -149,13 +150,12 @@ def pretraining_layout_problems(pretrained_checkpoint: str, hf_model: str) -> li
 
 
 def _iteration_dir(path: Path) -> Path | None:
+    """`path` itself when it is one iteration's directory, else the iteration its tracker names."""
     if (path / "provenance.json").is_file() or (path / "run_config.yaml").is_file():
         return path
-    tracker = path / "latest_checkpointed_iteration.txt"
-    if tracker.is_file():
-        it = path / f"iter_{int(tracker.read_text().strip()):07d}"
-        return it if it.is_dir() else None
-    return None
+    iteration = checkpoints.tracked_iteration(path)
+    it = checkpoints.iteration_dir(path, iteration) if iteration is not None else None
+    return it if it is not None and it.is_dir() else None
 
 
 def pretraining_final_lr(pretrained_checkpoint: str | None, pretrain_recipe: str | None) -> tuple[float, str] | None:
