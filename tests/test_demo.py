@@ -36,14 +36,25 @@ def test_demo_runs_every_stage_and_speaks_held_out_sentences(demo_run):
     missing = [p for p in STAGE_OUTPUTS if not (work / p).exists()]
     assert not missing, missing
     report = json.loads((work / "report.json").read_text())
-    # Recompute the score from the files rather than trusting the report.
-    expected = json.loads((work / "raw" / "heldout_codes.json").read_text())
-    generated = {k: np.load(work / "synth" / f"{k}.npy").tolist() for k in expected}
-    score = synthetic_codec.token_accuracy(expected, generated)
-    assert score["accuracy"] == pytest.approx(report["accuracy"])
-    assert score["items"] == len(expected) >= 100
-    assert score["accuracy"] >= ACCURACY_GOAL, (work / "report.md").read_text()
-    assert f"Speech-token accuracy: {score['accuracy']:.1%}" in out
+    # Recompute the scores from the files rather than trusting the report.
+    answers = json.loads((work / "raw" / "heldout_answers.json").read_text())
+    generated = {k: np.load(work / "synth" / f"{k}.npy").tolist() for k in answers}
+    score = synthetic_codec.speech_scores(synthetic_codec.SyntheticCodec(), answers, generated)
+    assert score["content_accuracy"] == pytest.approx(report["content_accuracy"])
+    assert score["cloning_accuracy"] == pytest.approx(report["cloning_accuracy"])
+    assert score["items"] == len(answers) >= 200 and score["cloning_items"] == score["items"] // 2
+    assert score["content_accuracy"] >= ACCURACY_GOAL, (work / "report.md").read_text()
+    assert score["cloning_accuracy"] >= ACCURACY_GOAL, (work / "report.md").read_text()
+    assert f"Content accuracy: {score['content_accuracy']:.1%}" in out
+    assert f"cloning accuracy: {score['cloning_accuracy']:.1%}" in out
+    assert set(report["by_language"]) == {"hi", "ta", "en"}
+    # Every cloning item was prompted with its reference, and only the new codes were kept.
+    for key, answer in answers.items():
+        stats = json.loads((work / "synth" / f"{key}.json").read_text())
+        if answer["speaker"] is None:
+            assert stats["reference"] is None
+        else:
+            assert stats["reference"]["source"].endswith(f"heldout_refs/{key}.npy")
     # Losses fell and each validation set was evaluated.
     for stage in ("pretrain", "sft"):
         losses = report["losses"][stage]
@@ -51,13 +62,14 @@ def test_demo_runs_every_stage_and_speaks_held_out_sentences(demo_run):
     assert {"tts/hi", "tts/ta", "tts/en", "audio/hi"} <= set(report["losses"]["pretrain"]["validation"])
     assert set(report["losses"]["sft"]["validation"]) == {"tts/hi", "tts/ta", "tts/en"}
     # Held-out sentences were never trained on: no held-out transcript is in the TTS shards.
-    heldout = {json.loads(line)["text"] for line in (work / "raw" / "heldout.jsonl").read_text().splitlines()}
+    lines = [json.loads(line) for line in (work / "raw" / "heldout.jsonl").read_text().splitlines()]
+    heldout = {x["text"] for x in lines} | {f"{x['prompt_text']} {x['text']}" for x in lines if "prompt_text" in x}
     import webdataset as wds
 
     shards = [str(p) for p in sorted((work / "raw" / "tts").glob("shard-*.tar"))]
     trained = {json.loads(s["json"])["text"] for s in wds.WebDataset(shards, shardshuffle=False)}
     assert trained and not (heldout & trained)
-    print(f"demo: {demo_run.seconds:.0f} s, accuracy {score['accuracy']:.3f}")
+    print(f"demo: {demo_run.seconds:.0f} s, content {score['content_accuracy']:.3f}, cloning {score['cloning_accuracy']:.3f}")
 
 
 def test_demo_rerun_reuses_every_built_stage(demo_run):
