@@ -204,6 +204,27 @@ def test_1b_checkpoints_are_retained_by_rule_and_record_provenance(pt_1b_run, sy
     _assert_ran_as_shipped(PT_1B, args, ckpt / "iter_0000020")
 
 
+def _index_cache(ckpt: Path) -> dict[str, int]:
+    """The files of a run's index cache (the recipe's dataset.path_to_cache) and their mtimes."""
+    return {p.name: p.stat().st_mtime_ns for p in (ckpt / "index_cache").iterdir()}
+
+
+def test_1b_indices_are_cached_where_the_recipe_says(pt_1b_run, synthetic_blend):
+    """Megatron builds every dataset's and the blend's indices into dataset.path_to_cache (the
+    recipe's `${checkpoint.save}/index_cache`, as the run's config records it), nothing beside the data."""
+    from speechlm.data.blend_file import load
+
+    ckpt = pt_1b_run[0]
+    ran = yaml.safe_load((ckpt / "iter_0000020" / "run_config.yaml").read_text())
+    assert ran["dataset"]["path_to_cache"] == str(ckpt / "index_cache")
+    cached = _index_cache(ckpt)
+    blend = load(synthetic_blend)
+    train = [n for n in cached if n.endswith("-GPTDataset-train-document_index.npy")]
+    assert len(train) == len(blend.train_prefixes), sorted(cached)
+    assert any(n.endswith("-BlendedDataset-train-dataset_index.npy") for n in cached), sorted(cached)
+    assert not [p for p in blend.train_prefixes if (Path(p) / "cache").exists()]  # megatron-core's default place
+
+
 def test_1b_sigterm_checkpoints_and_exits_then_resume_reproduces(pt_1b_run, expanded_tiny_dir, converted_tiny_dir,
                                                                  synthetic_blend, tmp_path):
     reference = _losses(pt_1b_run[1])
@@ -212,8 +233,11 @@ def test_1b_sigterm_checkpoints_and_exits_then_resume_reproduces(pt_1b_run, expa
     log = _run_until_sigterm(2, args, tmp_path / "run1.txt", 7)
     stopped_at = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert 7 <= stopped_at < 20 and max(_losses(log)) == stopped_at
+    built = _index_cache(ckpt)
 
     resumed = _losses(_run(2, args, tmp_path / "run2.txt"))
+    after = _index_cache(ckpt)  # the relaunch read the indices the first launch cached
+    assert built and {name: after.get(name) for name in built} == built
     assert sorted(resumed) == list(range(stopped_at + 1, 21))
     # Same data order and state: the resumed run reproduces the uninterrupted one (fp32 on CPU;
     # only the order of floating-point reductions could differ).
