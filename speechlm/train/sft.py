@@ -43,6 +43,9 @@ class PackedTTSDatasetConfig(DatasetProvider):
     valid_prefixes: list[str] = field(default_factory=list)
     layout_dir: str | None = None  # the model directory holding token_layout.json
     random_seed: int = 1234
+    # Where the packing is cached (the recipe's dataset.path_to_cache); None: cache/ beside the
+    # first prefix. Global rank 0 writes it, every rank reads it: a filesystem all nodes share.
+    path_to_cache: str | None = None
     # None: THD packed sequences when a GPU (TransformerEngine) is present, else attention masks.
     packed_thd: bool | None = None
     dataloader_type: str | None = "single"
@@ -61,7 +64,8 @@ class PackedTTSDatasetConfig(DatasetProvider):
 
     def dataset(self, prefixes: list[str], num_samples: int, name: str) -> PackedTTSDataset:
         thd = self.packed_thd if self.packed_thd is not None else False
-        return PackedTTSDataset(prefixes, self.seq_length, num_samples, self.random_seed, self.layout(), thd, name)
+        return PackedTTSDataset(prefixes, self.seq_length, num_samples, self.random_seed, self.layout(), thd, name,
+                                path_to_cache=self.path_to_cache)
 
     def build_datasets(self, context: DatasetBuildContext):
         from megatron.bridge.utils.common_utils import print_rank_0
@@ -109,7 +113,7 @@ def finish_config(cfg, ours: dict, hf_model: str, blend) -> tuple[list[str], lis
     old = cfg.dataset
     cfg.dataset = PackedTTSDatasetConfig(
         seq_length=old.seq_length, train_prefixes=prefixes, valid_prefixes=list(validation_sets(blend).values()),
-        layout_dir=str(hf_model), random_seed=old.random_seed, packed_thd=packed_thd,
+        layout_dir=str(hf_model), random_seed=old.random_seed, packed_thd=packed_thd, path_to_cache=old.path_to_cache,
         num_workers=old.num_workers, data_sharding=old.data_sharding, pin_memory=old.pin_memory,
         persistent_workers=old.persistent_workers,
     )
