@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -108,7 +109,7 @@ def test_cloning_outputs_only_new_codes_and_refuses_bad_references(expanded_tiny
             load_reference(bad, "hello", "u1")
     with pytest.raises(SynthesisError, match="cannot read reference codes"):
         load_reference(tmp_path / "missing.npy", "hello", "u1")
-    with pytest.raises(SynthesisError, match="needs its reference codes"):
+    with pytest.raises(SynthesisError, match="needs its reference: --prompt-codes / prompt_codes or --prompt-wav"):
         load_reference(None, "hello", "u1")
     synth = Synthesizer(expanded_tiny_dir, device="cpu")
     long_ref = Reference("hello", np.zeros(synth.max_positions - 20, np.int32), "long.npy")
@@ -198,6 +199,99 @@ def test_cli_refuses_bad_arguments(expanded_tiny_dir, tmp_path):
     assert r.returncode == 2 and "top-p" in r.stderr
     assert not (tmp_path / "o").exists()
 
+
+
+def test_cloning_from_a_wav_encodes_it_once_and_refuses_bad_recordings(expanded_tiny_dir, tmp_path, monkeypatch, capsys):
+    """--prompt-wav / prompt_wav end to end on the tiny model, through `main` in this process: the
+    real xcodec2_encoder.load reads a real checkpoint written from a random encoder, but with a small
+    semantic model (17 layers of width 32; w2v-BERT 2.0's full size would need a 2.5 GB file), which
+    only an in-process run can pass to it. The recording's codes then act exactly as --prompt-codes."""
+    from safetensors.torch import save_file
+    from test_xcodec2 import _varied, _write_wav, small_semantic_config
+
+    from speechlm.synthesize import synthesizer, xcodec2_encoder
+
+    encoder = _varied(xcodec2_encoder.random_encoder(seed=1, semantic_config=small_semantic_config()))
+    codec = tmp_path / "xcodec2"
+    codec.mkdir()
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(codec / "model.safetensors"))
+    loads = []
+    real_load = xcodec2_encoder.load
+
+    def load(codec_dir, device="cpu"):
+        loads.append(codec_dir)
+        return real_load(codec_dir, device, semantic_config=small_semantic_config())
+
+    monkeypatch.setattr(xcodec2_encoder, "load", load)
+    # Decoding is test_xcodec2's; this checkpoint holds no decoder weights, and xcodec2_decoder.load
+    # would build its 187M parameters on every run only to say so.
+    monkeypatch.setattr(synthesizer, "load_codec", lambda codec_dir, device: None)
+    t = np.arange(int(22_050 * 0.6)) / 22_050  # 0.6 s, 22.05 kHz stereo: read_wav resamples and mixes it
+    tone = np.round(np.sin(2 * np.pi * 180 * t) * 12_000)
+    wav = _write_wav(tmp_path / "ref.wav", np.stack([tone, tone / 2], 1), 22_050, 2)
+    expected = encoder.encode(synthesizer.read_wav(wav))
+    assert len(expected) == 31 and len(np.unique(expected)) > 3  # 9,600 samples at 16 kHz: 30 codes + upstream's pad
+    common = ["--model", str(expanded_tiny_dir), "--text", "how are you", "--language", "en", "--max-new-tokens", "6",
+              "--temperature", "0"]
+
+    def run(*args: str) -> int:
+        capsys.readouterr()
+        return synthesizer.main([*common, *args])
+
+    assert run("--out", str(tmp_path / "w"), "--prompt-wav", str(wav), "--prompt-text", "hello there",
+               "--codec", str(codec)) == 0, capsys.readouterr().err
+    stats = json.loads((tmp_path / "w" / "utt.json").read_text())
+    assert stats["reference"] == {"codes": len(expected), "text": "hello there", "source": str(wav)}
+    codes = np.load(tmp_path / "w" / "utt.npy")
+    assert len(codes) == stats["codes"] <= stats["tokens_generated"] <= 6  # only new codes, none of the 31
+    assert stats["prompt_tokens"] > len(expected) and loads == [str(codec)]
+    # The same reference given as codes: the same prompt, the same (greedy) output.
+    np.save(tmp_path / "ref.npy", expected)
+    assert run("--out", str(tmp_path / "c"), "--prompt-codes", str(tmp_path / "ref.npy"), "--prompt-text",
+               "hello there") == 0
+    as_codes = json.loads((tmp_path / "c" / "utt.json").read_text())
+    assert as_codes["prompt_tokens"] == stats["prompt_tokens"]
+    assert np.load(tmp_path / "c" / "utt.npy").tolist() == codes.tolist()
+    # A batch names recordings per line, relative to the jsonl file; the encoder loads once for all.
+    loads.clear()
+    batch = tmp_path / "items.jsonl"
+    batch.write_text("".join(json.dumps({"id": f"b{i}", "text": "how are you", "language": "en", "prompt_wav": "ref.wav",
+                                         "prompt_text": "hello there"}) + "\n" for i in range(2)))
+    assert synthesizer.main(["--model", str(expanded_tiny_dir), "--batch", str(batch), "--out", str(tmp_path / "b"),
+                             "--max-new-tokens", "6", "--temperature", "0", "--codec", str(codec)]) == 0
+    assert loads == [str(codec)]
+    for i in range(2):
+        assert json.loads((tmp_path / "b" / f"b{i}.json").read_text())["reference"]["source"] == str(tmp_path / "ref.wav")
+        assert np.load(tmp_path / "b" / f"b{i}.npy").tolist() == codes.tolist()
+
+    def refused(*args: str) -> str:
+        assert run("--out", str(tmp_path / "never"), *args) == 2
+        assert not (tmp_path / "never").exists()
+        return capsys.readouterr().err
+
+    (tmp_path / "junk.wav").write_bytes(b"RIFF? no")
+    assert "cannot read" in refused("--prompt-wav", str(tmp_path / "junk.wav"), "--prompt-text", "hi", "--codec", str(codec))
+    assert "has no transcript" in refused("--prompt-wav", str(wav), "--codec", str(codec))
+    assert "needs --codec DIR" in refused("--prompt-wav", str(wav), "--prompt-text", "hi")
+    (tmp_path / "decoder-only").mkdir()
+    save_file({"fc_post_a.weight": torch.zeros(2, 2)}, str(tmp_path / "decoder-only" / "model.safetensors"))
+    err = refused("--prompt-wav", str(wav), "--prompt-text", "hi", "--codec", str(tmp_path / "decoder-only"))
+    assert "XCodec2 encoder of --codec" in err and "encoder weights missing" in err
+    with pytest.raises(SystemExit) as e:  # argparse: the two kinds of reference exclude each other
+        run("--out", str(tmp_path / "never"), "--prompt-wav", str(wav), "--prompt-codes", str(tmp_path / "ref.npy"))
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    # A batch's problems come together, with line numbers; nothing is generated.
+    batch.write_text(json.dumps({"id": "x1", "text": "hi", "language": "en", "prompt_wav": "ref.wav",
+                                 "prompt_codes": "ref.npy", "prompt_text": "hello"}) + "\n"
+                     + json.dumps({"id": "x2", "text": "hi", "language": "en", "prompt_wav": "junk.wav",
+                                   "prompt_text": "hello"}) + "\n"
+                     + json.dumps({"id": "x3", "text": "hi", "language": "en", "prompt_wav": "ref.wav"}) + "\n")
+    assert synthesizer.main(["--model", str(expanded_tiny_dir), "--batch", str(batch), "--out", str(tmp_path / "never"),
+                             "--codec", str(codec)]) == 2
+    err = capsys.readouterr().err
+    assert "items.jsonl:1: x1: give the reference as codes or as a recording, not both" in err
+    assert "items.jsonl:2: x2: cannot read" in err and "items.jsonl:3: x3: the reference" in err
+    assert not (tmp_path / "never").exists()
 
 @pytest.mark.slow
 def test_trained_model_speaks_held_out_sentences(demo_run, tmp_path):

@@ -3,6 +3,7 @@
     python -m speechlm.synthesize --model HF_DIR --text "नमस्ते दुनिया" --language hi --out DIR
     python -m speechlm.synthesize --model HF_DIR --batch items.jsonl --out DIR
     python -m speechlm.synthesize --model HF_DIR --text "..." --language hi --out DIR --prompt-codes REF.npy --prompt-text "..."
+    python -m speechlm.synthesize --model HF_DIR --text "..." --language hi --out DIR --prompt-wav REF.wav --prompt-text "..." --codec XCODEC2_DIR
 
 The prompt is the TTS training document up to its first code, built by the token layout from
 the transcript tokenized exactly as data_prep/build_speech.py does (`BOS [<|lang_x|>] text
@@ -10,10 +11,12 @@ the transcript tokenized exactly as data_prep/build_speech.py does (`BOS [<|lang
 in the training shards, and its transcript) the prompt is the TTS document of `reference
 transcript + " " + text` (one string, tokenized once) up to and including the reference's codes
 (`TokenLayout.cloning_prompt`); the model continues the speech in that voice, and only the new
-codes are output. Generation (transformers) stops at `<|speech_end|>` or after a maximum
-number of tokens derived from the text (--codes-per-char, or --max-new-tokens). Generated
-tokens that are not codec codes (text or special tokens) are rejected and counted, never
-passed on.
+codes are output. A reference recording (--prompt-wav: an integer-PCM .wav, any rate and
+channels) is first turned into codes by XCodec2's encoder from the --codec directory
+(xcodec2_encoder.py, loaded once for all items), then used exactly as codes are. Generation
+(transformers) stops at `<|speech_end|>` or after a maximum number of tokens derived from the
+text (--codes-per-char, or --max-new-tokens). Generated tokens that are not codec codes (text or
+special tokens) are rejected and counted, never passed on.
 
 Per item, in --out: <id>.npy (int32 codes 0..65535, the layout of the training shards),
 <id>.wav (16 kHz, when --codec names a local XCodec2 model directory and the `xcodec2` package is
@@ -23,9 +26,10 @@ rejected, stop reason, seconds of audio, real-time factor), written last: an ite
 summary.json covers every item of the input at the end.
 
 Batch input: one JSON object per line, {"id", "text", "language"} and, to clone a voice,
-"prompt_codes" (a .npy path, relative to the jsonl file's directory) with "prompt_text"; ids name
-the output files ([A-Za-z0-9._-], unique). The generation limit counts the target text only. Items are generated --batch-size at a time (left-padded), on GPU in
-bf16 when one is present, else on CPU in fp32.
+"prompt_codes" (a .npy path) or "prompt_wav" (a .wav path; needs --codec), relative to the jsonl
+file's directory, with "prompt_text"; ids name the output files ([A-Za-z0-9._-], unique). The
+generation limit counts the target text only. Items are generated --batch-size at a time
+(left-padded), on GPU in bf16 when one is present, else on CPU in fp32.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ import re
 import sys
 import time
 import wave
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -102,31 +106,48 @@ def check_item(item: Item) -> Item:
     return Item(item.id, text, language, item.reference)  # stripped, as build_speech.py keeps transcripts
 
 
-def load_reference(codes_path: str | Path | None, text: Any, item_id: str) -> Reference | None:
-    """A reference utterance from a .npy of codes and its transcript; None when neither is given."""
-    if codes_path is None and text is None:
+def load_reference(codes_path: str | Path | None, text: Any, item_id: str, *, wav: str | Path | None = None,
+                   encode: Callable[[Path], np.ndarray] | None = None) -> Reference | None:
+    """A reference utterance from a .npy of codes, or a .wav that `encode` turns into codes, and its
+    transcript; None when none of them is given."""
+    if codes_path is None and wav is None and text is None:
         return None
-    if codes_path is None:
-        raise SynthesisError(f"{item_id}: a prompt text needs its reference codes (--prompt-codes / prompt_codes)")
+    if codes_path is not None and wav is not None:
+        raise SynthesisError(f"{item_id}: give the reference as codes or as a recording, not both "
+                             "(prompt_codes / prompt_wav)")
+    source = codes_path if codes_path is not None else wav
+    if source is None:
+        raise SynthesisError(f"{item_id}: a prompt text needs its reference: --prompt-codes / prompt_codes "
+                             "or --prompt-wav / prompt_wav")
     transcript = text.strip() if isinstance(text, str) else ""
     if not transcript:
-        raise SynthesisError(f"{item_id}: the reference {codes_path} has no transcript: give --prompt-text / "
+        raise SynthesisError(f"{item_id}: the reference {source} has no transcript: give --prompt-text / "
                              "prompt_text (the words spoken in it)")
-    try:
-        codes = np.load(codes_path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise SynthesisError(f"{item_id}: cannot read reference codes {codes_path}: {e}") from None
+    if wav is not None:
+        if encode is None:
+            raise SynthesisError(f"{item_id}: the reference recording {wav} needs --codec DIR (a local "
+                                 "HKUSTAudio/xcodec2 checkpoint: its encoder turns the recording into codes)")
+        try:
+            codes = encode(wav)
+        except SynthesisError as e:
+            raise SynthesisError(f"{item_id}: {e}") from None
+    else:
+        try:
+            codes = np.load(codes_path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SynthesisError(f"{item_id}: cannot read reference codes {codes_path}: {e}") from None
     if codes.ndim != 1 or codes.size == 0 or not np.issubdtype(codes.dtype, np.integer):
-        raise SynthesisError(f"{item_id}: reference codes {codes_path}: need a non-empty 1-D integer array, "
+        raise SynthesisError(f"{item_id}: reference codes {source}: need a non-empty 1-D integer array, "
                              f"got {codes.dtype} {codes.shape}")
     if codes.min() < 0 or codes.max() >= tl.CODEC_SIZE:
         bad = int(codes[(codes < 0) | (codes >= tl.CODEC_SIZE)][0])
-        raise SynthesisError(f"{item_id}: reference codes {codes_path}: code {bad} is outside 0..{tl.CODEC_SIZE - 1}")
-    return Reference(transcript, codes.astype(np.int32), str(codes_path))
+        raise SynthesisError(f"{item_id}: reference codes {source}: code {bad} is outside 0..{tl.CODEC_SIZE - 1}")
+    return Reference(transcript, codes.astype(np.int32), str(source))
 
 
-def read_batch(path: str | Path) -> list[Item]:
-    """Items of a jsonl file; every problem of the file at once, with line numbers."""
+def read_batch(path: str | Path, encode: Callable[[Path], np.ndarray] | None = None) -> list[Item]:
+    """Items of a jsonl file; every problem of the file at once, with line numbers. `encode` turns
+    prompt_wav recordings into codes (None: no --codec, a prompt_wav is refused)."""
     items, problems, seen = [], [], set()
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -136,13 +157,15 @@ def read_batch(path: str | Path) -> list[Item]:
                 rec = json.loads(line)
                 if not isinstance(rec, dict):
                     raise SynthesisError("not a JSON object")
-                item_id = str(rec.get("id", ""))
-                codes = rec.get("prompt_codes")
-                codes = Path(path).parent / codes if isinstance(codes, str) else codes
-                reference = load_reference(codes, rec.get("prompt_text"), item_id)
-                item = check_item(Item(item_id, rec.get("text"), rec.get("language"), reference))
+                item = check_item(Item(str(rec.get("id", "")), rec.get("text"), rec.get("language")))
                 if item.id in seen:
                     raise SynthesisError(f"duplicate id {item.id!r}")
+                # Reference paths are relative to the jsonl file; checked last: encoding a recording is slow.
+                codes, wav = (rec.get(k) for k in ("prompt_codes", "prompt_wav"))
+                codes = Path(path).parent / codes if isinstance(codes, str) else codes
+                wav = Path(path).parent / wav if isinstance(wav, str) else wav
+                item = replace(item, reference=load_reference(codes, rec.get("prompt_text"), item.id, wav=wav,
+                                                              encode=encode))
             except (ValueError, SynthesisError) as e:
                 problems.append(f"{path}:{n}: {e}")
                 continue
@@ -158,6 +181,13 @@ def read_batch(path: str | Path) -> list[Item]:
 # --- prompt and output filtering -----------------------------------------------------------------
 
 
+def pick_device(device: str | None) -> str:
+    """`device`, or cuda when there is one, else cpu."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class Synthesizer:
     def __init__(self, model_dir: str | Path, device: str | None = None):
         import torch
@@ -170,7 +200,7 @@ class Synthesizer:
             self.layout, self.tokenizer, _ = load_model_dir(model_dir, need_tokenizer=True)
         except SpeechDataError as e:
             raise SynthesisError(str(e)) from None
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device(device)
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         if self.model.config.vocab_size < tl.VOCAB_SIZE:
@@ -263,6 +293,70 @@ def write_wav(path: Path, samples: np.ndarray) -> None:
         w.writeframes(pcm.tobytes())
 
 
+def read_wav(path: str | Path) -> np.ndarray:
+    """An integer-PCM wav file (8/16/24/32-bit, any channels and rate; stdlib wave) as float32 mono
+    samples at 16 kHz: channels averaged, resampled with torchaudio. SynthesisError if unreadable or empty."""
+    from speechlm.synthesize.xcodec2_decoder import SAMPLE_RATE
+    try:
+        with wave.open(str(path), "rb") as w:
+            channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
+            raw = w.readframes(w.getnframes())
+    except (OSError, EOFError, wave.Error) as e:  # absent, truncated header, not RIFF/WAVE, float or compressed
+        raise SynthesisError(f"cannot read {path} as a wav file of integer PCM (8/16/24/32-bit): "
+                             f"{type(e).__name__}: {e}") from None
+    frame = channels * width
+    raw = raw[: len(raw) // frame * frame]  # a truncated data chunk ends mid-frame
+    if not raw:
+        raise SynthesisError(f"{path}: no audio in it (0 samples)")
+    if width == 1:  # 8-bit wav is unsigned
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width == 3:  # 24-bit: each sample as the top 3 bytes of a little-endian int32
+        b = np.zeros((len(raw) // 3, 4), np.uint8)
+        b[:, 1:] = np.frombuffer(raw, np.uint8).reshape(-1, 3)
+        x = b.view("<i4").reshape(-1) / 2.0**31
+    else:
+        x = np.frombuffer(raw, f"<i{width}") / 2.0 ** (8 * width - 1)
+    x = np.asarray(x, np.float32).reshape(-1, channels).mean(axis=1)
+    if rate != SAMPLE_RATE:
+        import torch
+        import torchaudio.functional  # installed with requirements-codec.txt, which encoding needs anyway
+
+        x = torchaudio.functional.resample(torch.from_numpy(x), rate, SAMPLE_RATE).numpy()
+    return x
+
+
+class ReferenceEncoder:
+    """Reference recordings (--prompt-wav / prompt_wav) -> codes with the XCodec2 encoder of the
+    --codec directory, loaded on first use and then kept, for all items (or its failure, reported
+    for each recording)."""
+
+    def __init__(self, codec_dir: str | Path, device: str):
+        self.codec_dir, self.device = codec_dir, device
+        self._encoder = None
+        self._error: str | None = None
+
+    def __call__(self, wav: str | Path) -> np.ndarray:
+        samples = read_wav(wav)  # before loading the encoder: a bad file costs nothing
+        encoder = self._load()
+        t0 = time.perf_counter()
+        codes = encoder.encode(samples)
+        print(f"{wav}: {len(samples) / 16_000:.2f} s of audio (16 kHz) -> {len(codes)} codes in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        return codes
+
+    def _load(self):
+        if self._encoder is None and self._error is None:
+            from speechlm.synthesize import xcodec2_encoder
+
+            try:
+                self._encoder = xcodec2_encoder.load(self.codec_dir, self.device)
+            except xcodec2_encoder.CodecUnavailable as e:
+                self._error = f"the XCodec2 encoder of --codec {self.codec_dir} does not load: {e}"
+        if self._error is not None:
+            raise SynthesisError(self._error)
+        return self._encoder
+
+
 def load_codec(codec_dir: str | None, device: str):
     """An XCodec2 decoder, or None with the reason printed (codes are written either way)."""
     if not codec_dir:
@@ -349,11 +443,16 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--batch", metavar="JSONL", help='a jsonl file of {"id", "text", "language"} per line')
     p.add_argument("--language", help="language of --text (one of %s)" % ", ".join(tl.LANGUAGES))
     p.add_argument("--id", default="utt", help="output name of --text (default utt)")
-    p.add_argument("--prompt-codes", metavar="NPY", help="voice cloning: a reference utterance's codes (int, 0..65535, "
-                   "as in the training shards) to continue in its voice; needs --prompt-text")
-    p.add_argument("--prompt-text", help="the transcript of the reference utterance (--prompt-codes)")
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--prompt-codes", metavar="NPY", help="voice cloning: a reference utterance's codes (int, 0..65535, "
+                     "as in the training shards) to continue in its voice; needs --prompt-text")
+    ref.add_argument("--prompt-wav", metavar="WAV", help="voice cloning from a recording: a reference .wav (integer "
+                     "PCM, any rate and channels), encoded to codes with the XCodec2 encoder of --codec; needs "
+                     "--prompt-text")
+    p.add_argument("--prompt-text", help="the transcript of the reference utterance (--prompt-codes / --prompt-wav)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--codec", metavar="DIR", help="local XCodec2 model directory (config.json + weights) to decode .wav")
+    p.add_argument("--codec", metavar="DIR", help="local XCodec2 model directory (a copy of HKUSTAudio/xcodec2): "
+                   "decodes the codes to .wav, and encodes --prompt-wav / prompt_wav recordings")
     g = p.add_argument_group("generation")
     g.add_argument("--temperature", type=float, default=Sampling.temperature, help="0 for greedy (default %(default)s)")
     g.add_argument("--top-p", type=float, default=Sampling.top_p, help="default %(default)s")
@@ -371,16 +470,20 @@ def main(argv: list[str] | None = None) -> int:
             raise SynthesisError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0, repetition-penalty > 0, batch-size >= 1")
         if a.codes_per_char <= 0 or (a.max_new_tokens is not None and a.max_new_tokens < 1):
             raise SynthesisError("need --codes-per-char > 0 and --max-new-tokens >= 1")
+        # Recordings are encoded here, before the model loads; the encoder is freed once all are.
+        encode = ReferenceEncoder(a.codec, pick_device(a.device)) if a.codec else None
         if a.text is not None:
             if not a.language:
                 raise SynthesisError("--text needs --language")
-            reference = load_reference(a.prompt_codes, a.prompt_text, a.id)
-            items = [check_item(Item(a.id, a.text, a.language, reference))]
+            item = check_item(Item(a.id, a.text, a.language))
+            items = [replace(item, reference=load_reference(a.prompt_codes, a.prompt_text, a.id, wav=a.prompt_wav,
+                                                            encode=encode))]
         else:
-            if a.prompt_codes or a.prompt_text:
-                raise SynthesisError("--prompt-codes/--prompt-text go with --text; a batch gives prompt_codes and "
-                                     "prompt_text per line")
-            items = read_batch(a.batch)
+            if a.prompt_codes or a.prompt_wav or a.prompt_text:
+                raise SynthesisError("--prompt-codes/--prompt-wav/--prompt-text go with --text; a batch gives "
+                                     "prompt_codes or prompt_wav, and prompt_text, per line")
+            items = read_batch(a.batch, encode)
+        del encode
         synth = Synthesizer(a.model, a.device)
         synth.check(items, a.codes_per_char, a.max_new_tokens)
     except (SynthesisError, FileNotFoundError) as e:
