@@ -10,6 +10,7 @@ done records and task loop are `partials`, the merge and manifest `merge`:
 from __future__ import annotations
 
 import gzip
+import itertools
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,55 +144,69 @@ class ShardProcessor:
         return frame
 
     def _emit_tts(self, w: _ShardWriter, batch: list[Sample]) -> None:
-        """TTS documents of a batch: one tokenizer call; pairs that do not fit are dropped."""
+        """TTS documents of a batch: one tokenizer call and one check of all transcripts' ids;
+        pairs that do not fit are dropped. The text ids go into one array for the whole batch."""
         layout, seq = self.layout, self.settings.seq_length
-        keep: list[tuple[Sample, np.ndarray]] = []
+        fits = layout.max_codes_per_tts_document
+        keep: list[Sample] = []
+        texts: list[list[int]] = []
         for p, ids in zip(batch, encode_texts(self.tokenizer, [p.text for p in batch])):
             if not ids:
                 w.skip("empty_text", p.language)
-            elif len(p.codes) > layout.max_codes_per_tts_document(seq, len(ids)):
+            elif len(p.codes) > fits(seq, len(ids)):
                 w.skip("too_long", p.language)
             else:
-                keep.append((p, np.array(ids, np.int32)))
-        for i in range(0, len(keep), _AUDIO_BATCH):  # small chunks: see _AUDIO_BATCH
-            self._write_tts(w, keep[i : i + _AUDIO_BATCH])
-
-    def _write_tts(self, w: _ShardWriter, items: list[tuple[Sample, np.ndarray]]) -> None:
-        """Like _emit_audio: the layout checks all transcripts' ids and converts all codes in one
-        call each, the frame comes from the layout, and the first document is checked against
-        `layout.tts_document`."""
-        layout = self.layout
-        if not items:
+                keep.append(p)
+                texts.append(ids)
+        if not keep:
             return
+        flat = np.array(list(itertools.chain.from_iterable(texts)), np.int32)
         try:  # tts_prompt refuses any id that is not a plain text token
-            layout.tts_prompt(np.concatenate([ids for _, ids in items]), items[0][0].language)
+            layout.tts_prompt(flat, keep[0].language)
         except ValueError:  # find the culprits one by one
             good = []
-            for p, ids in items:
+            for p, ids in zip(keep, texts):
                 try:
-                    layout.tts_prompt(ids, p.language)
+                    layout.tts_prompt(np.array(ids, np.int32), p.language)
                     good.append((p, ids))
                 except ValueError:
                     w.skip("bad_text", p.language)
-            items = good
-            if not items:
+            if not good:
                 return
-        code_ids = tl.codes_to_ids(np.concatenate([p.codes for p, _ in items]))
+            keep, texts = [p for p, _ in good], [ids for _, ids in good]
+            flat = np.array(list(itertools.chain.from_iterable(texts)), np.int32)
+        ends = list(itertools.accumulate(map(len, texts), initial=0))
+        for i in range(0, len(keep), _AUDIO_BATCH):  # small chunks: see _AUDIO_BATCH
+            self._write_tts(w, keep[i : i + _AUDIO_BATCH], flat, ends, i, check=i == 0)
+
+    def _write_tts(self, w: _ShardWriter, items: list[Sample], flat: np.ndarray, ends: list[int], first: int,
+                   check: bool) -> None:
+        """Like _emit_audio: all codes of the chunk become ids in one call and the frame comes from
+        the layout; with `check` (the first chunk of a batch) the first document is compared with
+        `layout.tts_document`. Text ids of item k are flat[ends[first + k] : ends[first + k + 1]]
+        (already checked by the layout)."""
+        code_ids = tl.codes_to_ids(np.concatenate([p.codes for p in items]))
+        frames = self._tts_frames
         groups: dict[tuple[str, str], tuple[list[Any], list[int], list]] = {}
         o = 0
-        for p, ids in items:
-            head, start, tail = self._tts_frame(p.language)
-            parts, lengths, counts = groups.setdefault((p.language, p.split), ([], [], [0, 0, 0.0]))
+        for k, p in enumerate(items, first):
+            frame = frames.get(p.language) or self._tts_frame(p.language)
+            g = groups.get((p.language, p.split))
+            if g is None:
+                g = groups[(p.language, p.split)] = ([], [], [0, 0, 0.0])
+            parts, lengths, counts = g
+            head, start, tail = frame
+            a, b = ends[k], ends[k + 1]
             n = len(p.codes)
-            parts += (head, ids, start, code_ids[o : o + n], tail)
-            lengths.append(len(head) + len(ids) + 1 + n + len(tail))
+            parts += (head, flat[a:b], start, code_ids[o : o + n], tail)
+            lengths.append(len(head) + (b - a) + 1 + n + len(tail))
             o += n
             counts[0] += 1
             counts[1] += n
             counts[2] += p.duration
-        p0, ids0 = items[0]
-        first = np.concatenate(groups[(p0.language, p0.split)][0][:5])
-        if not np.array_equal(first, layout.tts_document(ids0, p0.codes, p0.language)):
+        p0 = items[0]
+        if check and not np.array_equal(np.concatenate(groups[(p0.language, p0.split)][0][:5]),
+                                        self.layout.tts_document(flat[ends[first] : ends[first + 1]], p0.codes, p0.language)):
             raise AssertionError("tts document frame differs from token_layout.tts_document")
         for (language, split), (parts, lengths, counts) in groups.items():
             w.write(language, split, np.concatenate(parts), lengths, counts)

@@ -77,6 +77,7 @@ def parse_npy(data: bytes) -> np.ndarray:
 
 
 _UNSIGNED: dict[np.dtype, np.dtype] = {}
+_json_decode = json.JSONDecoder().decode  # what json.loads uses for a str with default arguments
 
 
 def codes_problem(arr: np.ndarray) -> str | None:
@@ -130,16 +131,16 @@ class SampleDecoder:
             if self.kind == "tts" or language is None:
                 return skip("missing_json", None)
         else:
-            try:
-                meta = json.loads(meta_raw)
+            try:  # json.loads without its encoding detection where that would say utf-8 (a "{" first)
+                meta = _json_decode(meta_raw.decode("utf-8", "surrogatepass")) if meta_raw[:1] == b"{" and \
+                    meta_raw[1:2] != b"\0" else json.loads(meta_raw)
             except (ValueError, UnicodeDecodeError):
                 meta = None
             if not isinstance(meta, dict):
                 return skip("bad_json", None)
             language = meta.get(sch.language_field, language)
-        if not isinstance(language, str) or language.strip().lower() not in tl.LANGUAGES:
+        if not isinstance(language, str) or (language := language.strip().lower()) not in tl.LANGUAGES:
             return skip("unknown_language", None)
-        language = language.strip().lower()
         try:
             codes = parse_npy(codes_raw)
         except ValueError:
