@@ -58,7 +58,7 @@ KNOWN_BPE = {
 # Environment override: "hf" forces the Hugging Face tokenizer (the reference); "auto" (default)
 # takes the fast path where it is proven.
 ENV = "SPEECHLM_TEXT_TOKENIZER"
-_CACHE_MAX = 1 << 20  # words per cache before it is cleared (~100 MB at most)
+_CACHE_MAX = 1 << 18  # words per cache (two caches) before both are cleared: ~50-100 MB at most
 
 
 def _self_check_corpus() -> list[str]:
