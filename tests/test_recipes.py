@@ -275,6 +275,8 @@ def test_sft_lowers_heldout_speech_loss(sft_1b_run):
     # The same held-out pairs each time. At the recipe's LR 1.5e-5 it moves little in 20 steps
     # (measured 12.0595 -> 12.0538); the smoke recipe's LR 3e-3 brought it > 0.5 below iteration 1's loss.
     assert held_out["tts/hi"][20] < held_out["tts/hi"][10], held_out
+    # Through the attributed pass (speechlm.train.validation), as in pretraining: a standard error beside each loss.
+    assert re.search(r"validation tts/hi at iteration 20 \| lm loss: \S+ \| stderr: [0-9.E+-]+ \| ppl", log), log[-3000:]
     assert (ckpt / "iter_0000020" / "provenance.json").is_file()
     _assert_ran_as_shipped(SFT_1B, args, ckpt / "iter_0000020")
 

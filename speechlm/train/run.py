@@ -445,7 +445,9 @@ def main(argv: list[str] | None = None) -> None:
 
         from speechlm.train import sft
 
-        finetune(cfg, gpt_step.forward_step, callbacks=callbacks + sft.callbacks(blend, gpt_step.forward_step))
+        # Per-set validation reads the sets through our step, which attributes each row's loss to
+        # its set: one pass for all sets (speechlm.train.validation).
+        finetune(cfg, gpt_step.forward_step, callbacks=callbacks + sft.callbacks(blend, forward_step))
         return
     if blend and blend.validation:
         callbacks.append(PerSetValidation(blend.validation, forward_step))

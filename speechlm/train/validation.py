@@ -19,7 +19,8 @@ Size: the per-set pass reads as many samples as Bridge's own evaluation (`eval_i
 eval_global_batch_size`), split equally over the sets (at least 2 each): validation costs two
 evaluations per interval however many sets there are (docs/performance.md, "Per-set validation").
 
-A forward step that does not attribute samples (SFT's, Bridge's plain GPT step) gets the previous
+SFT trains with Bridge's plain GPT step but validates its sets through ours (speechlm.train.run),
+so it gets the same single pass. A forward step that does not attribute samples gets the previous
 scheme: one `evaluate()` per set over `eval_iters x eval_global_batch_size` samples of that set
 (`each_set=True`; also the baseline of bench/validation_overhead.py and tests/test_validation.py).
 """
