@@ -336,11 +336,13 @@ class ReferenceEncoder:
         self._error: str | None = None
 
     def __call__(self, wav: str | Path) -> np.ndarray:
+        from speechlm.synthesize.xcodec2_decoder import SAMPLE_RATE
+
         samples = read_wav(wav)  # before loading the encoder: a bad file costs nothing
         encoder = self._load()
         t0 = time.perf_counter()
         codes = encoder.encode(samples)
-        print(f"{wav}: {len(samples) / 16_000:.2f} s of audio (16 kHz) -> {len(codes)} codes in "
+        print(f"{wav}: {len(samples) / SAMPLE_RATE:.2f} s of audio (16 kHz) -> {len(codes)} codes in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         return codes
 
