@@ -25,14 +25,15 @@ STAGE_OUTPUTS = ["base/config.json", "expanded/token_layout.json", "ckpt/base/hf
                  "raw/tts/shard-000000.tar", "raw/audio/shard-000000.tar", "raw/text/corpus.jsonl", "raw/heldout.jsonl",
                  "data/tts/manifest.json", "data/audio/manifest.json", "data/text/manifest.json", "data/blend.yaml",
                  "ckpt/pretrain/latest_checkpointed_iteration.txt", "ckpt/sft/latest_checkpointed_iteration.txt",
-                 "export/config.json", "export/token_layout.json", "synth/summary.json", "report.md", "report.json"]
+                 "export/config.json", "export/token_layout.json", "eval/table.json", "eval/table.md", "eval/cer.png",
+                 "synth/summary.json", "report.md", "report.json"]
 
 
 def test_demo_runs_every_stage_and_speaks_held_out_sentences(demo_run):
     out, work = demo_run.proc.stdout, demo_run.work
     assert demo_run.proc.returncode == 0, (out + demo_run.proc.stderr)[-4000:]
-    for n in range(1, 12):
-        assert f"=== {n}/11 " in out
+    for n in range(1, 13):
+        assert f"=== {n}/12 " in out
     missing = [p for p in STAGE_OUTPUTS if not (work / p).exists()]
     assert not missing, missing
     report = json.loads((work / "report.json").read_text())
@@ -72,6 +73,51 @@ def test_demo_runs_every_stage_and_speaks_held_out_sentences(demo_run):
     print(f"demo: {demo_run.seconds:.0f} s, content {score['content_accuracy']:.3f}, cloning {score['cloning_accuracy']:.3f}")
 
 
+def test_demo_evaluates_each_sft_checkpoint_beside_training_and_pins_the_best(demo_run):
+    """Stage 8 started `speechlm.evaluate --watch` beside SFT: each checkpoint was evaluated as it
+    landed (the first one before training ended), the best pinned; the final checkpoint's CER
+    agrees with the report's reading of the same sentences."""
+    from speechlm.train import checkpoints
+
+    work = demo_run.work
+    assert demo_run.proc.returncode == 0
+    table = json.loads((work / "eval" / "table.json").read_text())
+    evaluated = {c["checkpoint"]: c for c in table["checkpoints"]}
+    saved = checkpoints.saved_iterations(work / "ckpt" / "sft")
+    assert [c["step"] for c in table["checkpoints"]] == saved == [400, 800, 1200]
+    assert all(set(c["languages"]) == {"hi", "ta", "en"} for c in table["checkpoints"])
+    log = (work / "logs" / "evaluate.log").read_text()
+    assert "watching" in log and "the tracker names iteration 1200 (final: 1200)" in log, log[-3000:]
+    first_done = (work / "eval" / "iter_0000400" / "summary.json").stat().st_mtime
+    assert first_done < (work / "logs" / "sft.log").stat().st_mtime  # while SFT was still training
+    # The best by mean CER is pinned, through the retention policy's pin file.
+    best = min(table["checkpoints"], key=lambda c: (c["macro"]["cer"], -c["step"]))
+    assert table["pinned"] == [best["checkpoint"]]
+    for name in evaluated:
+        note = checkpoints.pin_note(work / "ckpt" / "sft" / name)
+        assert (note is not None and note.startswith("speechlm.evaluate --pin-best")) == (name == best["checkpoint"])
+    # The final checkpoint spoke exactly what stage 10 spoke with the export of the same weights;
+    # an item read back exactly right has CER 0, and only those do.
+    codec = synthetic_codec.SyntheticCodec()
+    answers = json.loads((work / "raw" / "heldout_answers.json").read_text())
+    records = {r["id"]: r for r in map(json.loads, (work / "eval" / "iter_0001200" / "items.jsonl").read_text().splitlines())}
+    assert set(records) == set(answers)
+    all_exact = True
+    for key, want in answers.items():
+        codes = np.load(work / "synth" / f"{key}.npy")
+        assert np.array_equal(np.load(work / "eval" / "iter_0001200" / "synth" / f"{key}.npy"), codes), key
+        exact = [w for w, _ in codec.transcribe(codes, want["language"])] == want["words"]
+        assert (records[key]["cer"] == 0) == exact, (key, records[key])
+        all_exact &= exact
+    final = evaluated["iter_0001200"]["macro"]
+    report = json.loads((work / "report.json").read_text())
+    assert (final["cer"] == 0) == all_exact, final  # every sentence right <=> CER 0
+    assert final["speaker_similarity"] >= 0.9 and final["failure_rate"] <= 0.05, final
+    assert report["evaluation"]["pinned"] == table["pinned"]
+    md = (work / "report.md").read_text()
+    assert "| iter_0001200 | 1200 |" in md and f"Pinned (best by mean cer, kept by retention): {best['checkpoint']}" in md
+
+
 def test_demo_rerun_reuses_every_built_stage(demo_run):
     assert demo_run.proc.returncode == 0
     mtimes = {p: (demo_run.work / p).stat().st_mtime_ns for p in STAGE_OUTPUTS[:-3]}
@@ -79,8 +125,8 @@ def test_demo_rerun_reuses_every_built_stage(demo_run):
     proc = subprocess.run([sys.executable, "-m", "speechlm.demo", "--workdir", str(demo_run.work)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reused = re.findall(r"=== (\d+)/11 .*\[reused", proc.stdout)
-    assert reused == [str(n) for n in range(1, 10)], proc.stdout[-3000:]
+    reused = re.findall(r"=== (\d+)/12 .*\[reused", proc.stdout)
+    assert reused == [str(n) for n in [*range(1, 10), 11]], proc.stdout[-3000:]
     assert re.search(r"resuming: (\d+) of \1 items already done", proc.stdout)
     assert {p: (demo_run.work / p).stat().st_mtime_ns for p in mtimes} == mtimes
     assert time.time() - started < 120
@@ -99,7 +145,7 @@ def test_demo_reads_the_shards_through_s3_with_the_same_result(demo_run, tmp_pat
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "serving" in proc.stdout and "as s3://demo/" in proc.stdout and "stopped after stage 6" in proc.stdout
-    assert re.findall(r"=== (\d+)/11 .*\[reused", proc.stdout) == ["1", "2", "3", "4"], proc.stdout[-3000:]
+    assert re.findall(r"=== (\d+)/12 .*\[reused", proc.stdout) == ["1", "2", "3", "4"], proc.stdout[-3000:]
     assert "s3://demo/tts/shard-" in (work / "logs" / "build_tts.log").read_text() or \
         "s3://demo/tts/shard-" in (work / "data" / "tts" / "manifest.json").read_text()
     assert not (work / "ckpt" / "pretrain").exists()

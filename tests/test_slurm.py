@@ -40,7 +40,7 @@ def _shellcheck() -> str:
 
 
 def test_shellcheck_passes_on_every_script():
-    assert len(SCRIPTS) == 6, SCRIPTS  # common + pretrain, sft, prep_speech, prep_text, convert
+    assert len(SCRIPTS) == 7, SCRIPTS  # common + pretrain, sft, prep_speech, prep_text, convert, evaluate
     proc = subprocess.run([_shellcheck(), "-x", *map(str, SCRIPTS + CI_SCRIPTS)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -74,6 +74,11 @@ def test_dry_run_prints_every_rank_and_runs_nothing(tmp_path):
     assert "build_speech.py --output /data/a --input /s/\\*.tar --model /m --kind audio --num-tasks 4 --task-index 3" in out
     out = _dry_run("convert.sh", "megatron-to-hf", "--input", "/c", "--output", "/e", "--dry-run")
     assert out.count("\nrank ") == 1 and "conversion/megatron_to_hf.py --input /c --output /e" in out
+    # evaluate.sh: one task whatever the node's GPU count, every argument passed to speechlm.evaluate
+    out = _dry_run("evaluate.sh", "--watch", "/ckpt/sft", "--eval-set", "/e.jsonl", "--out", "/ev", "--asr", "hi=/w",
+                   "--dry-run", CONTAINER_IMAGE="/img/speechlm.sqsh")
+    assert out.count("\nrank ") == 1 and "--ntasks=1" in out and "--container-image=/img/speechlm.sqsh" in out, out
+    assert "python -m speechlm.evaluate --watch /ckpt/sft --eval-set /e.jsonl --out /ev --asr hi=/w" in out, out
 
 
 # --- a real cluster ---------------------------------------------------------------------------

@@ -13,12 +13,17 @@ paths); only the sizes are tiny. Under --workdir:
   5  data/          data_prep/build_speech.py (tts, audio) and data_prep/build_text.py
   6  data/blend.yaml  data_prep/plan_mix.py with recipes/data/demo_mix.yaml
   7  ckpt/pretrain/ speechlm.train on 2 processes, recipes/demo_pretrain.yaml
-  8  ckpt/sft/      speechlm.train (SFT), recipes/demo_sft.yaml
+  8  ckpt/sft/      speechlm.train (SFT), recipes/demo_sft.yaml; beside it, python -m speechlm.evaluate
+                    --watch evaluates each SFT checkpoint as it lands (stage 11)
   9  export/        conversion/megatron_to_hf.py --verify
   10 synth/         python -m speechlm.synthesize on the held-out sentences (greedy), half of them
                     cloning a reference utterance's voice (--prompt-codes)
-  11 report.md / report.json: losses, validation loss per set, content and cloning accuracy per
-                    language (the generated codes read back with the codec); exit 1 below 90 %
+  11 eval/          the checkpoint evaluation started in stage 8 finishes: every SFT checkpoint
+                    spoke the held-out set; CER/WER per language with the synthetic ASR (the codec
+                    read back), speaker similarity with the synthetic speakers; the best pinned
+  12 report.md / report.json: losses, validation loss per set, content and cloning accuracy per
+                    language (the generated codes read back with the codec), CER per checkpoint and
+                    language and the pinned choice; exit 1 below 90 %
 
 Full logs of each stage are in <workdir>/logs/. A re-run reuses every finished stage (training
 resumes from its last checkpoint); delete a stage's directory to redo it.
@@ -46,6 +51,7 @@ DATA_SIZES = dict(tts_per_language=3000, audio_per_language=1000, text_paragraph
 MODEL = dict(hidden_size=64, num_layers=4)  # layers are cheap next to the 193,792-row output layer
 SEQ_LENGTH = 128  # = recipes/demo_*.yaml dataset.seq_length
 ACCURACY_GOAL = 0.90
+STAGES = 12
 TRAIN_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+).*?per iteration \(ms\): ([0-9.]+).*?lm loss: ([0-9.E+-]+)")
 
 
@@ -54,13 +60,14 @@ class StopDemo(Exception):
 
 
 class Demo:
-    def __init__(self, work: Path, stop_after: int = 11):
+    def __init__(self, work: Path, stop_after: int = STAGES):
         self.work, self.stop_after = work, stop_after
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.started = time.time()
         self.n = 0
+        self.background: list[subprocess.Popen] = []  # stopped when the demo ends, however it ends
 
     def stage(self, title: str, output: Path, done: bool) -> bool:
         """Print the stage header; True when the stage must run."""
@@ -68,7 +75,7 @@ class Demo:
         if self.n > self.stop_after:
             raise StopDemo
         state = "reused" if done else "running"
-        print(f"\n=== {self.n}/11 {title} -> {output.relative_to(self.work) if output.is_relative_to(self.work) else output}"
+        print(f"\n=== {self.n}/{STAGES} {title} -> {output.relative_to(self.work) if output.is_relative_to(self.work) else output}"
               f"  [{state}, {time.time() - self.started:.0f}s]", flush=True)
         return not done
 
@@ -83,10 +90,25 @@ class Demo:
                 shown = show(line)
                 if shown:
                     print("  " + (shown if isinstance(shown, str) else line.rstrip()), flush=True)
-        if proc.wait() != 0:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
-            sys.exit(f"{tail}\nstage {name} failed (exit {proc.returncode}); full log: {log}")
+        self.check(name, proc.wait(), log)
         return log
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        """Start a command in the background (output to logs/<name>.log); `wait` for it later."""
+        log = open(self.logs / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        log.close()  # the child holds its own copy
+        self.background.append(proc)
+        return proc
+
+    def wait(self, name: str, proc: subprocess.Popen) -> Path:
+        self.check(name, proc.wait(), self.logs / f"{name}.log")
+        return self.logs / f"{name}.log"
+
+    def check(self, name: str, returncode: int, log: Path) -> None:
+        if returncode != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+            sys.exit(f"{tail}\nstage {name} failed (exit {returncode}); full log: {log}")
 
 
 def training_line(line: str) -> str | bool:
@@ -96,6 +118,17 @@ def training_line(line: str) -> str | bool:
             return f"iteration {it}/{total}  loss {float(m[4]):.3f}  ({float(m[3]):.0f} ms/it)"
         return False
     return bool(re.search(r"validation .*at iteration|saved checkpoint", line))
+
+
+def evaluation_done(evaluation: Path, sft: Path) -> bool:
+    """Every SFT checkpoint evaluated (the evaluator's table lists each)."""
+    from speechlm.train.checkpoints import saved_iterations
+
+    table = evaluation / "table.json"
+    if not table.is_file():
+        return False
+    steps = {c["step"] for c in json.loads(table.read_text())["checkpoints"]}
+    return set(saved_iterations(sft)) <= steps
 
 
 def finished_iterations(ckpt: Path) -> int:
@@ -146,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"), help="where every stage writes (default: runs/demo)")
     parser.add_argument("--s3", action="store_true", help="read the raw shards through a local S3 endpoint (moto)")
-    parser.add_argument("--stop-after", type=int, default=11, metavar="N", choices=range(1, 12),
-                        help="stop after stage N (1-11; e.g. 6: data and mixture only)")
+    parser.add_argument("--stop-after", type=int, default=STAGES, metavar="N", choices=range(1, STAGES + 1),
+                        help=f"stop after stage N (1-{STAGES}; e.g. 6: data and mixture only)")
     args = parser.parse_args(argv)
     work = Path(args.workdir).resolve()
     demo = Demo(work, args.stop_after)
@@ -156,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     except StopDemo:
         print(f"\nstopped after stage {args.stop_after} (--stop-after) in {time.time() - demo.started:.0f}s", flush=True)
         return 0
+    finally:
+        for proc in demo.background:  # a failed stage or --stop-after: the evaluation resumes next time
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def run_pipeline(demo: Demo, args: argparse.Namespace) -> int:
@@ -210,7 +248,13 @@ def run_pipeline(demo: Demo, args: argparse.Namespace) -> int:
         demo.run("pretrain", torchrun + ["--config", "recipes/demo_pretrain.yaml", f"speechlm.hf_model={expanded}",
                                          f"speechlm.blend={blend}", f"checkpoint.save={pt}",
                                          f"checkpoint.pretrained_checkpoint={base_ckpt}"], show=training_line)
-    if demo.stage("SFT (text-to-speech pairs)", sft, finished_iterations(sft) >= recipe_iters("demo_sft.yaml")):
+    evaluation, watcher = work / "eval", None
+    evaluate = [py, "-m", "speechlm.evaluate", "--watch", str(sft), "--eval-set", str(raw / "heldout.jsonl"),
+                "--out", str(evaluation), "--asr", "synthetic", "--speaker-model", "synthetic",
+                "--pin-best", "1", "--metric", "cer", "--poll-seconds", "5"]
+    if demo.stage("SFT (text-to-speech pairs), each checkpoint evaluated beside it", sft,
+                  finished_iterations(sft) >= recipe_iters("demo_sft.yaml")):
+        watcher = demo.start("evaluate", evaluate)  # waits for checkpoints; stage 11 waits for it
         demo.run("sft", torchrun + ["--config", "recipes/demo_sft.yaml", f"speechlm.hf_model={expanded}",
                                     f"speechlm.blend={blend}", f"checkpoint.save={sft}",
                                     f"checkpoint.pretrained_checkpoint={pt}"], show=training_line)
@@ -224,6 +268,13 @@ def run_pipeline(demo: Demo, args: argparse.Namespace) -> int:
     demo.stage("speak the held-out sentences, half of them in a reference's voice (greedy)", synth, False)
     demo.run("synthesize", [py, "-m", "speechlm.synthesize", "--model", str(export), "--batch", str(raw / "heldout.jsonl"),
                             "--out", str(synth), "--temperature", "0"], show=lambda line: line.startswith(("total", "resuming")))
+
+    if watcher is not None:
+        demo.stage("checkpoint evaluation (started beside SFT: synthetic ASR and speakers)", evaluation, False)
+        print("  waiting for the evaluation of the last SFT checkpoint", flush=True)
+        demo.wait("evaluate", watcher)
+    elif demo.stage("checkpoint evaluation (synthetic ASR and speakers)", evaluation, evaluation_done(evaluation, sft)):
+        demo.run("evaluate", evaluate)
 
     demo.stage("report", work / "report.md", False)
     report = make_report(work, raw, synth)
@@ -256,11 +307,30 @@ def make_report(work: Path, raw: Path, synth: Path) -> dict:
              "|---|---|---|---|---|---|"]
     lines += [f"| {lang} | {r['content_accuracy']:.1%} | {r['cloning_accuracy']:.1%} | {r['exact_items']:.1%} | "
               f"{r['cloning_exact']:.1%} | {r['single_voice']:.1%} |" for lang, r in by_language.items()]
+    evaluation = json.loads((work / "eval" / "table.json").read_text()) if (work / "eval" / "table.json").is_file() else None
+    if evaluation:
+        langs = sorted({lang for c in evaluation["checkpoints"] for lang in c["languages"]})
+        lines += ["", "Checkpoint evaluation (python -m speechlm.evaluate, beside SFT): every SFT checkpoint spoke the "
+                  "held-out set; CER/WER of the synthetic ASR's transcript (the codec read back), speaker similarity "
+                  "of the cloning items to their reference (synthetic speakers); eval/table.md has every column.", "",
+                  f"| checkpoint | step | {' | '.join(f'CER {lang}' for lang in langs)} | CER (mean) | WER (mean) | "
+                  "failure rate | speaker similarity |", "|---|---:|" + "---:|" * (len(langs) + 4)]
+        for c in evaluation["checkpoints"]:
+            m = c["macro"]
+            sim = "–" if m.get("speaker_similarity") is None else f"{m['speaker_similarity']:.3f}"
+            lines.append(f"| {c['checkpoint']} | {c['step']} | "
+                         + " | ".join(f"{c['languages'][lang]['cer']:.4f}" if lang in c["languages"] else "–" for lang in langs)
+                         + f" | {m['cer']:.4f} | {m['wer']:.4f} | {m['failure_rate']:.1%} | {sim} |")
+        lines += ["", f"Pinned (best by mean {evaluation['metric']}, kept by retention): "
+                  f"{', '.join(evaluation['pinned']) or 'none'}"]
     lines += ["", "| stage | first training loss | last training loss |", "|---|---|---|"]
     lines += [f"| {name} | {v['train_first']:.3f} | {v['train_last']:.3f} |" for name, v in losses.items() if v["train_first"]]
     lines += ["", "| validation set (last evaluation) | stage | lm loss |", "|---|---|---|"]
     lines += [f"| {s} | {name} | {loss:.3f} |" for name, v in losses.items() for s, loss in sorted(v["validation"].items())]
-    result = {**overall, "by_language": by_language, "losses": losses, "goal": ACCURACY_GOAL}
+    result = {**overall, "by_language": by_language, "losses": losses, "goal": ACCURACY_GOAL,
+              "evaluation": {"checkpoints": [{k: c[k] for k in ("checkpoint", "step", "languages", "macro")}
+                                             for c in evaluation["checkpoints"]],
+                             "pinned": evaluation["pinned"]} if evaluation else None}
     markdown = "\n".join(lines) + "\n"
     (work / "report.json").write_text(json.dumps(result, indent=1))
     (work / "report.md").write_text(markdown)

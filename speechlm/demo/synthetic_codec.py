@@ -107,6 +107,10 @@ class SyntheticCodec:
             raise ValueError(f"not a sentence of known {language} words: {text!r} (unknown: {missing})")
         return np.concatenate([runs[w][speaker] for w in text.split()])
 
+    def duration(self, text: str, language: str) -> float:
+        """Seconds of the codec's answer for a sentence (the same in every voice: a word's run length is)."""
+        return len(self.codes(text, language)) / CODES_PER_SECOND
+
     def transcribe(self, codes, language: str) -> list[tuple[str | None, int | None]]:
         """Codes -> (word, speaker) per run read, left to right; codes that start no run are read
         as one (UNKNOWN, None) per stretch (as an ASR hears noise: one wrong word), reading
@@ -179,8 +183,9 @@ def write_dataset(codec: SyntheticCodec, out_dir: str | Path, *, tts_per_languag
     tts/shard-NNNNNN.tar     TTS pairs: `<key>.codes.npy` (int32) + `<key>.json` {text, language, duration, speaker}
     audio/shard-NNNNNN.tar   unpaired speech: the same without a transcript
     text/corpus.jsonl        plain text: paragraphs of sentences, {"text", "language"}
-    heldout.jsonl            speechlm.synthesize's batch input: per language `heldout_per_language`
-                             sentences to speak ({"id", "text", "language"}) and as many shorter ones
+    heldout.jsonl            speechlm.synthesize's batch input (and speechlm.evaluate's evaluation set): per
+                             language `heldout_per_language` sentences to speak ({"id", "text",
+                             "language", "duration": seconds of the codec's answer}) and as many shorter ones
                              to speak in a reference's voice (+ "prompt_codes": heldout_refs/<id>.npy,
                              "prompt_text"); no training split holds any of their transcripts, nor
                              any reference transcript + " " + target
@@ -230,7 +235,7 @@ def write_dataset(codec: SyntheticCodec, out_dir: str | Path, *, tts_per_languag
     items, answers = [], {}
     for i, s in enumerate(plain):
         key = f"{s.language}-{i:04d}"
-        items.append({"id": key, "text": s.text, "language": s.language})
+        items.append({"id": key, "text": s.text, "language": s.language, "duration": codec.duration(s.text, s.language)})
         answers[key] = {"language": s.language, "words": list(s.words), "speaker": None}
     (out / "heldout_refs").mkdir(parents=True, exist_ok=True)
     for i, c in enumerate(cloning):
@@ -238,6 +243,7 @@ def write_dataset(codec: SyntheticCodec, out_dir: str | Path, *, tts_per_languag
         with atomic.atomic_path(out / "heldout_refs" / f"{key}.npy", per_process=False) as tmp, open(tmp, "wb") as f:
             np.save(f, codec.codes(ref.text, ref.language, ref.speaker))
         items.append({"id": key, "text": c.target.text, "language": c.target.language,
+                      "duration": codec.duration(c.target.text, c.target.language),
                       "prompt_codes": f"heldout_refs/{key}.npy", "prompt_text": ref.text})
         answers[key] = {"language": c.target.language, "words": list(c.target.words), "speaker": ref.speaker}
     atomic.write_text(out / "heldout.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items),

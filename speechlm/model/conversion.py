@@ -11,7 +11,7 @@ needs, so nothing else has to be kept around:
 
 Megatron -> HF (`megatron_to_hf`): any iteration of a converted or training checkpoint (a
 `checkpoint.save` directory) to an HF model + tokenizer + token_layout.json, vocabulary padding
-stripped, generation stopping at <|speech_end|>.
+stripped, generation stopping at <|speech_end|>; its conversion.json names the checkpoint and iteration.
 
 Vocabulary padding: Bridge's converter never pads (its provider has should_pad_vocab=False and
 193,792 = 256 x 757 splits evenly at any TP up to 256). Megatron pads only when asked to, i.e.
@@ -635,6 +635,10 @@ def megatron_to_hf(
                     raise VerificationError(summary.format())
             if not layout.check_tokenizer(tmp) == "expanded":
                 raise ConversionError("internal error: the exported tokenizer does not check as expanded")
+            # What the export came from (speechlm.evaluate reads the training step of an HF model here).
+            (tmp / SUMMARY_FILE).write_text(json.dumps(
+                {"checkpoint": str(root), "iteration": it, "dtype": dtype, "layout_hash": layout.layout_hash,
+                 "verify": summary.verify}, indent=2) + "\n")
             layout.save(tmp)  # last: its presence marks a finished export
             summary.seconds = time.perf_counter() - t0
         return summary

@@ -54,6 +54,33 @@ def pinned_iterations(save_dir: str | Path, configured: list[int]) -> set[int]:
     return set(configured) | {i for i in saved_iterations(save_dir) if (iteration_dir(save_dir, i) / PIN_FILE).exists()}
 
 
+def pin(ckpt: str | Path, note: str) -> bool:
+    """Pin one checkpoint directory with `note` as the pin file's text, unless it is pinned already.
+    True if this call pinned it; False if a pin was there (a user's `touch`, or another note)."""
+    try:
+        with open(Path(ckpt) / PIN_FILE, "x") as f:
+            f.write(note + "\n")
+        return True
+    except FileExistsError:
+        return False
+
+
+def pin_note(ckpt: str | Path) -> str | None:
+    """The text of a checkpoint's pin file ("" for a bare `touch`), or None when it is not pinned."""
+    try:
+        return (Path(ckpt) / PIN_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def unpin(ckpt: str | Path, note: str) -> bool:
+    """Remove the pin only if its text is `note`: a pin someone else set stays. True if removed."""
+    if pin_note(ckpt) != note:
+        return False
+    (Path(ckpt) / PIN_FILE).unlink(missing_ok=True)
+    return True
+
+
 def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
 
