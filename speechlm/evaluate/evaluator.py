@@ -179,6 +179,10 @@ def read_eval_set(path: Path, encode=None) -> list[EvalItem]:
                 problems.append(f"{path}:{n}: duration must be a number of seconds > 0, got {d!r}")
             wav = rec.get("prompt_wav")
             extra[str(rec.get("id"))] = (d, path.parent / wav if isinstance(wav, str) else None)
+    from speechlm.evaluate.scoring import normalize
+
+    problems += [f"{path}: {it.id}: the text {it.text!r} has nothing to score once normalised (only punctuation)"
+                 for it in items if not normalize(it.text)]
     if problems:
         raise EvaluationError("bad evaluation set:\n  " + "\n  ".join(problems[:20]))
     return [EvalItem(it, *extra[it.id]) for it in items]
