@@ -21,12 +21,12 @@ COPY docker/check_container.py docker/
 RUN python docker/check_container.py --sync --bridge "${MEGATRON_BRIDGE_VERSION}" --core "${MEGATRON_CORE_VERSION}"
 
 # 2. What this project needs beyond the container (data preparation; tiktoken: the text
-#    tokenizer's fast path; numba: SFT packing's compiled first-fit): each package the image
-#    lacks, at our pin, constrained to every version the image already has, so pip fails the
-#    build rather than replace anything NVIDIA ships.
+#    tokenizer's fast path; numba: SFT packing's compiled first-fit; orjson: shard metadata):
+#    each package the image lacks, at our pin, constrained to every version the image already
+#    has, so pip fails the build rather than replace anything NVIDIA ships.
 COPY requirements.in ./
 RUN python docker/check_container.py --extras requirements.in \
-        webdataset boto3 datasets pyarrow matplotlib omegaconf tiktoken numba
+        webdataset boto3 datasets pyarrow matplotlib omegaconf tiktoken numba orjson
 
 # 3. The project itself (code only; no dependencies).
 COPY pyproject.toml ./

@@ -166,6 +166,23 @@ def test_transcripts_through_encode_texts(expanded_tiny_dir, reference, monkeypa
         tok = model_dir.text_tokenizer(raw)
         assert isinstance(tok, ft.FastTextTokenizer) == (mode == "auto")
         assert model_dir.encode_texts(tok, corpus) == reference(corpus)
+        flat, counts = model_dir.encode_texts_flat(tok, corpus)  # the batch builds' form
+        assert flat.dtype == np.int32 and counts.tolist() == [len(ids) for ids in reference(corpus)]
+        assert flat.tolist() == [i for ids in reference(corpus) for i in ids]
+
+
+def test_word_by_word_is_taken_exactly_for_single_spaced_words(fast, monkeypatch):
+    """The per-word cache is used exactly for texts where str.split(" ") == str.split(): checked
+    for every code point as a word, a separator and at either end, by counting whole-text encodes."""
+    whole = []
+    monkeypatch.setattr(fast, "_encode", lambda t: whole.append(t) or [])
+    monkeypatch.setattr(fast, "_first", ft._WordCache(lambda t: [], ""))
+    monkeypatch.setattr(fast, "_rest", ft._WordCache(lambda t: [], " "))
+    texts = ["", " ", "a", "a b", "a  b", " a", "a ", "a\nb", "a \n", "a\u00a0b", "a\u3000b", "a b c d", "a\u200db c"]
+    for c in map(chr, range(0x110000)):
+        texts += [f"a{c}b", f"a {c}", f"{c} a"]
+    fast.encode_flat(texts)
+    assert whole == [t for t in texts if t.split(" ") != t.split()]
 
 
 # --- fallback ------------------------------------------------------------------------------------

@@ -236,10 +236,14 @@ LITERALS = ["a <|s_123|> b", "<|s_0|><|s_65535|>", "x<|speech_start|>y <|speech_
 def test_text_ids_are_the_unexpanded_tokenizers(expanded_tiny_dir, reference_text_ids):
     """One text encoding (build_speech transcripts, build_text, synthesis prompts): the ids the
     original tokenizer gives, whatever token names the text spells out."""
-    _, tok, _ = speech.load_model_dir(expanded_tiny_dir, need_tokenizer=True)
-    got = speech.encode_texts(tok, LITERALS)
+    from speechlm.data import model_dir
+
+    _, tok, _ = model_dir.load_model_dir(expanded_tiny_dir, need_tokenizer=True)
+    got = model_dir.encode_texts(tok, LITERALS)
     assert got == [reference_text_ids(t) for t in LITERALS]
     assert all(i < tl.BOS_ID for ids in got for i in ids)  # no special, speech or layout id
+    flat, counts = model_dir.encode_texts_flat(tok, LITERALS)  # the batch builds' form: the same ids
+    assert flat.dtype == np.int32 and counts.tolist() == list(map(len, got)) and flat.tolist() == sum(got, [])
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -260,6 +264,9 @@ def test_bad_samples_and_shards_are_counted_not_written(expanded_tiny_dir, tmp_p
         {"__key__": "b/09", "codes.npy": c, "json": b"{not json"},
         {"__key__": "b/10", "codes.npy": b"garbage", "json": {"language": "hi", "text": "a"}},
         {"__key__": "b/11", "codes.npy": c, "json": {"text": "a"}},
+        # a bad code counts before a missing transcript and before a transcript too long to fit
+        {"__key__": "b/12", "codes.npy": np.append(c, 70000).astype(np.int32), "json": {"language": "hi", "text": " "}},
+        {"__key__": "b/13", "codes.npy": np.append(c, -5).astype(np.int32), "json": {"language": "hi", "text": "a " * SEQ}},
     ]
     mixed = good[:3] + bad + good[3:]
     d = tmp_path / "in"
@@ -281,7 +288,7 @@ def test_bad_samples_and_shards_are_counted_not_written(expanded_tiny_dir, tmp_p
         speech.build(str(d), expanded_tiny_dir, out, kind, seq_length=SEQ, valid_fraction=0.0, progress=False)
         m = json.loads((out / "manifest.json").read_text())
         want = {
-            "codes_range": 2, "codes_dtype": 1, "codes_shape": 1, "codes_empty": 1, "unknown_language": 2,
+            "codes_range": 4, "codes_dtype": 1, "codes_shape": 1, "codes_empty": 1, "unknown_language": 2,
             "missing_json": 1, "missing_codes": 1, "bad_json": 1, "bad_npy": 1,
         }
         if kind == "tts":
@@ -317,6 +324,63 @@ def test_refuses_model_dir_without_valid_layout(local_shards, expanded_tiny_dir,
     speech.build(str(d), expanded_tiny_dir, tmp_path / "o3", "audio", seq_length=SEQ, progress=False)
     with pytest.raises(speech.SpeechDataError, match="other settings"):
         speech.build(str(d), expanded_tiny_dir, tmp_path / "o3", "audio", seq_length=SEQ * 2, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, ">i4", np.int64, np.uint32, np.uint16, np.uint8])
+def test_the_range_is_checked_per_batch_with_the_same_verdicts(dtype):
+    """codes_in_range (one check a chunk) keeps exactly the samples codes_problem passes, in order,
+    and counts the others as codes_range: uniform chunks with and without a bad code, mixed dtypes."""
+    rng = np.random.default_rng(5)
+    info = np.iinfo(np.dtype(dtype))
+    batch = []
+    for i in range(100):
+        codes = rng.integers(0, min(tl.CODEC_SIZE, int(info.max) + 1), int(rng.integers(1, 40)))
+        if i in (7, 40, 41, 99) and info.max >= tl.CODEC_SIZE:
+            codes[-1] = tl.CODEC_SIZE + i
+        if i == 13 and info.min < 0:
+            codes[0] = -1
+        batch.append(speech_samples.Sample(f"k{i}", "hi", "train", codes.astype(dtype if i % 50 != 33 else np.int64),
+                                           "t", 0.0))
+    skipped = []
+    kept = speech_samples.codes_in_range(batch, lambda reason, lang: skipped.append((reason, lang)))
+    want = [p for p in batch if speech_samples.codes_problem(p.codes) is None]
+    assert [p.key for p in kept] == [p.key for p in want]
+    assert skipped == [("codes_range", "hi")] * (len(batch) - len(want))
+    assert len(want) < len(batch) or info.max < tl.CODEC_SIZE
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"text": "\\u0928\\u092e", "language": "hi", "duration": 1.25}', '{"text": "नम", "duration": 3}'.encode(),
+    b'{"duration": NaN, "text": "a"}', b'{"duration": 1e400}', b'{"text": "\\ud800 lone surrogate"}',
+    b'\xef\xbb\xbf{"text": "bom"}', '{"text": "utf-16"}'.encode("utf-16"), b'{"a": 1, "a": 2}',
+    b'{"duration": 123456789012345678901234567890}', b'{"duration": -0.0}', b' [1, 2] ', b'{"t": "\xff"}',
+    b'{not json', b'',
+])
+def test_sample_metadata_parses_as_the_standard_library_does(raw):
+    """parse_json (orjson, falling back to json) gives json.loads' values, or fails where it fails;
+    a numeric field beyond 64-bit integers is the same float either way."""
+    try:
+        want = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        with pytest.raises(type(e) if isinstance(e, UnicodeDecodeError) else ValueError):
+            speech_samples.parse_json(raw)
+        return
+    got = speech_samples.parse_json(raw)
+    if isinstance(want, dict) and isinstance(want.get("duration"), int):
+        assert float(got["duration"]) == float(want["duration"])
+        got, want = {**got, "duration": 0}, {**want, "duration": 0}
+    assert json.dumps(got) == json.dumps(want)  # NaN-safe, and -0.0 stays -0.0
+
+
+def test_a_declared_duration_that_is_not_a_finite_number_counts_as_none():
+    dec = speech_samples.SampleDecoder("tts", speech_samples.Schema(), None, 0.0)
+    codes = io.BytesIO()
+    np.save(codes, np.arange(5, dtype=np.int32))
+    for raw, want in [(b"1.5", 1.5), (b"NaN", 0.0), (b"Infinity", 0.0), (b"-1e400", 0.0), (b"9" * 400, 0.0),
+                      (b"true", 0.0), (b'"2"', 0.0)]:
+        meta = b'{"language": "hi", "text": "a", "duration": ' + raw + b"}"
+        sample = dec.decode("k", {"codes.npy": codes.getvalue(), "json": meta}, lambda *a: pytest.fail(str(a)))
+        assert sample.duration == want, raw
 
 
 # --- tar reading ---------------------------------------------------------------------------------

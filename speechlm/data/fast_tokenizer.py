@@ -38,11 +38,13 @@ else (tabs, newlines, other spaces, double spaces) goes to tiktoken whole.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
+import re
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +167,7 @@ def structure_problem(tj: dict[str, Any]) -> str | None:
 
 
 class FastTextTokenizer:
-    """tiktoken over the Llama-3 BPE with a per-word cache; `encode_texts` is the only entry."""
+    """tiktoken over the Llama-3 BPE with a per-word cache; `encode_flat` is the engine, `encode_texts` its lists."""
 
     path = "tiktoken"
 
@@ -180,33 +182,44 @@ class FastTextTokenizer:
         self._rest = _WordCache(self._encode, " ")  # word after a space -> ids of " " + word
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        flat, lengths = self.encode_flat(texts)
+        ends = np.cumsum(lengths)
+        return [a.tolist() for a in np.split(flat, ends[:-1])] if texts else []
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids concatenated (int32) and each text's count: what a batch build writes,
+        without a Python int per id (the cache holds each word's ids as int32 bytes)."""
         enc, first, rest = self._encode, self._first, self._rest
         if len(rest) > _CACHE_MAX or len(first) > _CACHE_MAX:
             first.clear()
             rest.clear()
-        rest_ids, chain = rest.__getitem__, itertools.chain.from_iterable
-        out = []
+        rest_ids, join, irregular = rest.__getitem__, b"".join, _IRREGULAR_SPACING.search
+        parts = []
         for t in texts:
-            words = t.split(" ")
-            if words != t.split():  # other whitespace, runs, or leading/trailing space
-                out.append(enc(t))
+            # a printable text has no whitespace but " " (str.isprintable: a C loop, unlike the regex)
+            if ("  " in t or t[:1] == " " or t[-1:] == " " or not t) if t.isprintable() else irregular(t):
+                parts.append(np.array(enc(t), np.int32).tobytes())  # not single-spaced words: whole
                 continue
-            ids = first[words[0]][:]
-            if len(words) > 1:
-                ids += chain(map(rest_ids, words[1:]))
-            out.append(ids)
-        return out
+            words = t.split(" ")
+            parts.append(first[words[0]] + join(map(rest_ids, words[1:])) if len(words) > 1 else first[words[0]])
+        lengths = np.fromiter(map(len, parts), np.int64, len(parts)) >> 2
+        return np.frombuffer(join(parts), np.int32), lengths
+
+
+# What str.split(" ") would not split like str.split(): whitespace other than " " (re's \s is
+# str.isspace), two spaces, a space first or last. A text without it is single-spaced words.
+_IRREGULAR_SPACING = re.compile(r"[^\S ]|  |^ | \Z")
 
 
 class _WordCache(dict):
-    """word -> ids of prefix + word, encoded on first use."""
+    """word -> int32 bytes of the ids of prefix + word, encoded on first use."""
 
     def __init__(self, encode, prefix: str):
         super().__init__()
         self._encode, self._prefix = encode, prefix
 
-    def __missing__(self, word: str) -> list[int]:
-        ids = self[word] = self._encode(self._prefix + word)
+    def __missing__(self, word: str) -> bytes:
+        ids = self[word] = np.array(self._encode(self._prefix + word), np.int32).tobytes()
         return ids
 
 

@@ -5,10 +5,13 @@ synthesis prompts)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from speechlm import token_layout as tl
 from speechlm.data.partials import SpeechDataError
@@ -90,3 +93,13 @@ def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     if fast is not None:
         return fast(texts)
     return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def encode_texts_flat(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """encode_texts' ids concatenated (int32) and each text's count: a batch build's form."""
+    fast = getattr(tokenizer, "encode_flat", None)
+    if fast is not None:
+        return fast(texts)
+    ids = encode_texts(tokenizer, texts)
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32)
+    return flat, np.fromiter(map(len, ids), np.int64, len(ids))

@@ -10,7 +10,6 @@ samples/s on one core. A WebDataset shard only needs name, size and type from ea
 from __future__ import annotations
 
 import gzip
-import re
 import zlib
 from typing import BinaryIO, Iterator
 
@@ -74,8 +73,6 @@ def _checksum_ok(hdr: bytes) -> bool:
 
 def _pax_path(data: bytes) -> str | None:
     # records are "<len> key=value\n"; TarWriter writes one pax header per member (mtime etc.)
-    if b" path=" not in data:
-        return None
     for rec in data.split(b"\n"):
         _, _, kv = rec.partition(b" ")
         if kv.startswith(b"path="):
@@ -103,71 +100,80 @@ def iter_tar(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     that ends without the end-of-archive block (a truncated upload); the members yielded before
     the error are intact.
     """
-    read = f.read
-    buf, pos = b"", 0
+    read, adler = f.read, zlib.adler32
+    buf, pos, end = b"", 0, 0
     long_name: str | None = None
     while True:
-        if pos + _BLOCK > len(buf):
+        if pos + _BLOCK > end:
             try:
                 buf, pos = _refill(read, buf, pos, _BLOCK), 0
             except CorruptShardError:
                 raise CorruptShardError("truncated: no end-of-archive marker") from None
+            end = len(buf)
         hdr = buf[pos : pos + _BLOCK]
         pos += _BLOCK
-        if hdr[0] == 0 and hdr.count(0) == _BLOCK:
-            return  # end of archive (a second zero block and record padding may follow)
-        if not _checksum_ok(hdr):
-            raise CorruptShardError("bad tar header checksum")
+        # _checksum_ok's usual case inline (a call per header costs more than the check)
+        try:
+            ok = int(hdr[148:154], 8) % 65521 == ((adler(hdr) & 0xFFFF) - (adler(hdr[148:156]) & 0xFFFF) + 256) % 65521
+        except ValueError:
+            ok = False
+        if not ok:
+            if hdr[0] == 0 and hdr.count(0) == _BLOCK:
+                return  # end of archive (a second zero block and record padding may follow)
+            if not _checksum_ok(hdr):
+                raise CorruptShardError("bad tar header checksum")
         # the usual 11 digits + NUL, else base-256 or other padding (valid: the checksum matched)
         size = int(hdr[124:135], 8) if hdr[135] == 0 and hdr[124] != 0x80 else _octal(hdr[124:136])
         padded = (size + _BLOCK - 1) & ~(_BLOCK - 1)
-        if pos + padded > len(buf):
+        if pos + padded > end:
             buf, pos = _refill(read, buf, pos, padded), 0
-        data = buf[pos : pos + size]
-        pos += padded
+            end = len(buf)
         typ = hdr[156]
         if typ in _REGULAR:
+            data = buf[pos : pos + size]
             if long_name is not None:
                 name, long_name = long_name, None
             else:
-                name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8")
+                i = hdr.find(0, 0, 100)
+                name = hdr[: i if i >= 0 else 100].decode("utf-8")
                 if hdr[345] and hdr[257:262] == b"ustar":
                     name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+            pos += padded
             yield name, data
+            continue
+        if typ == _PAX:  # pax extended header: only the path matters here
+            data = buf[pos : pos + size]
+            if b" path=" in data:
+                long_name = _pax_path(data) or long_name
         elif typ == _GNU_LONGNAME:
-            long_name = data.rstrip(b"\0").decode("utf-8")
-        elif typ == _PAX:  # pax extended header: only the path matters here
-            long_name = _pax_path(data) or long_name
-        # directories, links, global pax headers: nothing to read
+            long_name = buf[pos : pos + size].rstrip(b"\0").decode("utf-8")
+        pos += padded  # directories, links, global pax headers: nothing to read
 
 
 _REGULAR = frozenset(b"0\x007")
 _GNU_LONGNAME, _PAX = ord("L"), ord("x")
 
 
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
 def iter_samples(f: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {field: bytes}) per WebDataset sample: consecutive tar members grouped the way
     webdataset groups them (key = path up to the first dot of the file name, field = the rest,
-    lower-cased).
+    lower-cased; a file name without a dot after its first character belongs to no sample).
 
     On corruption the sample being assembled is dropped (it may be incomplete) and the
     CorruptShardError propagates.
     """
     key: str | None = None
     fields: dict[str, bytes] = {}
-    match = _KEY_RE.match
     for name, data in iter_tar(f):
-        m = match(name)
-        if m is None:
+        slash = name.rfind("/") + 1
+        dot = name.find(".", slash)
+        if dot <= slash:
             continue  # no extension: not part of any sample (webdataset skips these too)
-        k, ext = m.groups()
+        k = name[:dot]
         if k != key:
             if key is not None:
                 yield key, fields
             key, fields = k, {}
-        fields[ext.lower()] = data
+        fields[name[dot + 1 :].lower()] = data
     if key is not None:
         yield key, fields

@@ -10,7 +10,6 @@ done records and task loop are `partials`, the merge and manifest `merge`:
 from __future__ import annotations
 
 import gzip
-import itertools
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,10 @@ from speechlm import token_layout as tl
 from speechlm.data import merge as merge_mod
 from speechlm.data import s3
 from speechlm.data.inputs import missing_object_code
-from speechlm.data.model_dir import encode_texts, load_model_dir
+from speechlm.data.model_dir import encode_texts_flat, load_model_dir
 from speechlm.data.partials import DTYPE, SPLITS, BuildSettings, PartialWriter, SpeechDataError, run_partials
 from speechlm.data.shards import CorruptShardError, expand_spec, iter_samples, open_shard
-from speechlm.data.speech_samples import Kind, Sample, SampleDecoder, Schema
+from speechlm.data.speech_samples import Kind, Sample, SampleDecoder, Schema, codes_in_range
 from speechlm.token_layout import TokenLayout
 
 # Samples per batch: one codes_to_ids call and one write per prefix (audio), one tokenizer call
@@ -145,37 +144,36 @@ class ShardProcessor:
 
     def _emit_tts(self, w: _ShardWriter, batch: list[Sample]) -> None:
         """TTS documents of a batch: one tokenizer call and one check of all transcripts' ids;
-        pairs that do not fit are dropped. The text ids go into one array for the whole batch."""
+        pairs that do not fit are dropped. The text ids come as one array for the whole batch."""
         layout, seq = self.layout, self.settings.seq_length
-        fits = layout.max_codes_per_tts_document
-        keep: list[Sample] = []
-        texts: list[list[int]] = []
-        for p, ids in zip(batch, encode_texts(self.tokenizer, [p.text for p in batch])):
-            if not ids:
-                w.skip("empty_text", p.language)
-            elif len(p.codes) > fits(seq, len(ids)):
-                w.skip("too_long", p.language)
-            else:
-                keep.append(p)
-                texts.append(ids)
-        if not keep:
-            return
-        flat = np.array(list(itertools.chain.from_iterable(texts)), np.int32)
+        flat, n_ids = encode_texts_flat(self.tokenizer, [p.text for p in batch])
+        n_codes = np.fromiter([len(p.codes) for p in batch], np.int64, len(batch))
+        fits = (n_ids > 0) & (n_codes <= layout.max_codes_per_tts_document(seq, n_ids))
+        keep = batch
+        if not fits.all():
+            for p, ok, n in zip(batch, fits.tolist(), n_ids.tolist()):
+                if not ok:
+                    w.skip("empty_text" if n == 0 else "too_long", p.language)
+            keep = [p for p, ok in zip(batch, fits.tolist()) if ok]
+            flat, n_ids = flat[np.repeat(fits, n_ids)], n_ids[fits]
+            if not keep:
+                return
+        ends = [0, *np.cumsum(n_ids).tolist()]
         try:  # tts_prompt refuses any id that is not a plain text token
             layout.tts_prompt(flat, keep[0].language)
         except ValueError:  # find the culprits one by one
             good = []
-            for p, ids in zip(keep, texts):
+            for k, p in enumerate(keep):
                 try:
-                    layout.tts_prompt(np.array(ids, np.int32), p.language)
-                    good.append((p, ids))
+                    layout.tts_prompt(flat[ends[k] : ends[k + 1]], p.language)
+                    good.append(k)
                 except ValueError:
                     w.skip("bad_text", p.language)
             if not good:
                 return
-            keep, texts = [p for p, _ in good], [ids for _, ids in good]
-            flat = np.array(list(itertools.chain.from_iterable(texts)), np.int32)
-        ends = list(itertools.accumulate(map(len, texts), initial=0))
+            keep = [keep[k] for k in good]
+            flat = np.concatenate([flat[ends[k] : ends[k + 1]] for k in good])
+            ends = [0, *np.cumsum([ends[k + 1] - ends[k] for k in good]).tolist()]
         for i in range(0, len(keep), _AUDIO_BATCH):  # small chunks: see _AUDIO_BATCH
             self._write_tts(w, keep[i : i + _AUDIO_BATCH], flat, ends, i, check=i == 0)
 
@@ -232,8 +230,9 @@ class ShardProcessor:
                     if p is not None:
                         batch.append(p)
                         if len(batch) >= batch_size:
-                            emit(w, batch)
-                            batch = []
+                            full, batch = codes_in_range(batch, skip), []
+                            if full:
+                                emit(w, full)
         except (CorruptShardError, gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as e:
             error = f"corrupt: {e}"
         except FileNotFoundError as e:
@@ -243,7 +242,7 @@ class ShardProcessor:
             if code is None:
                 raise
             error = f"missing: {url} ({code})"
-        if batch:  # samples completed before a corruption are kept
+        if batch and (batch := codes_in_range(batch, skip)):  # samples completed before a corruption are kept
             emit(w, batch)
         return w.record(url, self.settings.fingerprint, error)
 
