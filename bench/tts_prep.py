@@ -3,7 +3,7 @@
 Generates WebDataset shards of TTS pairs (codes.npy + json; ~500 int32 codes, 250..750, and an
 8-25-word transcript; Hindi, Tamil and English shards in turn, one language per shard, words
 drawn Zipf-like from a 20,000-word synthetic vocabulary per language with some punctuation and
-digits), then times in one process:
+digits), then times on the same shards:
   1. webdataset: a plain `wds.WebDataset(...).decode()` loop touching codes and json (the
      reference loop of issue 19);
   2. the build task (`speech.run_task`, validate, tokenize, format, write partials) with the
@@ -11,8 +11,9 @@ digits), then times in one process:
      before the fast path);
   3. the same build with the default tokenizer (the tiktoken fast path where proven);
   4. with --old-checkout DIR: the build task of another checkout of this repository (e.g. the
-     commit before the fast path: `mkdir /tmp/old && git archive <commit> | tar -x -C /tmp/old`),
-     run in a child process on the same shards, timed inside the child (time.process_time).
+     commit before a change: `mkdir /tmp/old && git archive <commit> | tar -x -C /tmp/old`).
+Each build runs in its own fresh child process on the same shards (so none inherits another's
+heap), timed inside the child (time.process_time).
 Each build's rate is given in steady state (the once-per-task model dir load, measured on its
 own, subtracted) and with the load. The HF and fast builds' partials are compared byte for byte.
 "Per core" divides by the CPU seconds used (time.process_time), so a busy machine shows up as
@@ -114,11 +115,12 @@ def tiny_model(tmp: Path) -> Path:
     return expand_vocab(tiny.make_tiny_llama(tmp / "tiny", num_layers=1), tmp / "tiny-speech").output
 
 
-_OLD_SCRIPT = """
+_CHILD = """
 import sys, time
 from speechlm.data import speech
 from speechlm.data.model_dir import load_model_dir
 shards, model, out = sys.argv[1].split("\\n"), sys.argv[2], sys.argv[3]
+load_model_dir(model, need_tokenizer=True)  # imports; the second load is what run_task pays
 c0 = time.process_time()
 load_model_dir(model, need_tokenizer=True)
 c1 = time.process_time()
@@ -142,8 +144,7 @@ def main() -> None:
 
     import webdataset as wds
 
-    from speechlm.data import fast_tokenizer, speech
-    from speechlm.data.model_dir import load_model_dir
+    from speechlm.data import fast_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -169,31 +170,22 @@ def main() -> None:
         rows.append(("webdataset .decode() loop", best[2], None))
 
         outs = {}
-        for label, mode in (("build task, HF tokenizer (forced)", "hf"), ("build task, fast path (default)", "auto")):
-            os.environ[fast_tokenizer.ENV] = mode
-            _, _, load_c = min((timed(lambda: load_model_dir(model, need_tokenizer=True)) for _ in range(2)),
-                               key=lambda r: r[2])
+        builds = [("build task, HF tokenizer (forced)", "hf", REPO), ("build task, fast path (default)", "auto", REPO)]
+        if args.old_checkout:
+            builds.append((f"build task, {Path(args.old_checkout).name}", "old", Path(args.old_checkout)))
+        for label, mode, checkout in builds:  # each in a fresh child process: same conditions for all
+            env = {**os.environ, "PYTHONPATH": str(checkout), fast_tokenizer.ENV: "auto" if mode == "old" else mode}
             run = []
             for r in range(args.repeat):
                 out = tmp / f"out-{mode}-{r}"
-                s, w, c = timed(lambda: speech.run_task(shards, model, out, "tts", progress=False))
-                assert not s["failed"], s["failed"]
-                run.append((c, out))
-            c, out = min(run)
-            outs[mode] = out
-            rows.append((label, c - load_c, load_c))
-        os.environ.pop(fast_tokenizer.ENV, None)
-
-        if args.old_checkout:
-            out = tmp / "out-old"
-            proc = subprocess.run([sys.executable, "-c", _OLD_SCRIPT, "\n".join(shards), str(model), str(out)],
-                                  cwd=args.old_checkout, capture_output=True, text=True,
-                                  env={**os.environ, "PYTHONPATH": args.old_checkout})
-            if proc.returncode:
-                sys.exit(f"--old-checkout run failed:\n{proc.stderr[-3000:]}")
-            load_c, task_c = map(float, proc.stdout.split()[-2:])
-            rows.append((f"build task, {Path(args.old_checkout).name} (child)", task_c - load_c, load_c))
-            outs["old"] = out
+                proc = subprocess.run([sys.executable, "-c", _CHILD, "\n".join(shards), str(model), str(out)],
+                                      cwd=checkout, capture_output=True, text=True, env=env)
+                if proc.returncode:
+                    sys.exit(f"{label} failed:\n{proc.stderr[-3000:]}")
+                load_c, task_c = map(float, proc.stdout.split()[-2:])
+                run.append((task_c - load_c, load_c, out))
+            c, load_c, outs[mode] = min(run)
+            rows.append((label, c, load_c))
 
         same = []
         for mode in [m for m in outs if m != "hf"]:
