@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from typing import Any
 
 import numpy as np
@@ -193,22 +192,18 @@ class FastTextTokenizer:
         if len(rest) > _CACHE_MAX or len(first) > _CACHE_MAX:
             first.clear()
             rest.clear()
-        rest_ids, join, irregular = rest.__getitem__, b"".join, _IRREGULAR_SPACING.search
+        rest_ids, join = rest.__getitem__, b"".join
         parts = []
         for t in texts:
-            # a printable text has no whitespace but " " (str.isprintable: a C loop, unlike the regex)
-            if ("  " in t or t[:1] == " " or t[-1:] == " " or not t) if t.isprintable() else irregular(t):
+            words = t.split(" ")
+            # single-spaced words <=> t.split(" ") == t.split(); a printable text has no whitespace
+            # but " ", so substring tests decide it there without the second split
+            if ("  " in t or t[:1] == " " or t[-1:] == " " or not t) if t.isprintable() else words != t.split():
                 parts.append(np.array(enc(t), np.int32).tobytes())  # not single-spaced words: whole
                 continue
-            words = t.split(" ")
             parts.append(first[words[0]] + join(map(rest_ids, words[1:])) if len(words) > 1 else first[words[0]])
         lengths = np.fromiter(map(len, parts), np.int64, len(parts)) >> 2
         return np.frombuffer(join(parts), np.int32), lengths
-
-
-# What str.split(" ") would not split like str.split(): whitespace other than " " (re's \s is
-# str.isspace), two spaces, a space first or last. A text without it is single-spaced words.
-_IRREGULAR_SPACING = re.compile(r"[^\S ]|  |^ | \Z")
 
 
 class _WordCache(dict):

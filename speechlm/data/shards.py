@@ -100,7 +100,7 @@ def iter_tar(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     that ends without the end-of-archive block (a truncated upload); the members yielded before
     the error are intact.
     """
-    read, adler = f.read, zlib.adler32
+    read = f.read
     buf, pos, end = b"", 0, 0
     long_name: str | None = None
     while True:
@@ -112,16 +112,10 @@ def iter_tar(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
             end = len(buf)
         hdr = buf[pos : pos + _BLOCK]
         pos += _BLOCK
-        # _checksum_ok's usual case inline (a call per header costs more than the check)
-        try:
-            ok = int(hdr[148:154], 8) % 65521 == ((adler(hdr) & 0xFFFF) - (adler(hdr[148:156]) & 0xFFFF) + 256) % 65521
-        except ValueError:
-            ok = False
-        if not ok:
-            if hdr[0] == 0 and hdr.count(0) == _BLOCK:
-                return  # end of archive (a second zero block and record padding may follow)
-            if not _checksum_ok(hdr):
-                raise CorruptShardError("bad tar header checksum")
+        if hdr[0] == 0 and hdr.count(0) == _BLOCK:
+            return  # end of archive (a second zero block and record padding may follow)
+        if not _checksum_ok(hdr):
+            raise CorruptShardError("bad tar header checksum")
         # the usual 11 digits + NUL, else base-256 or other padding (valid: the checksum matched)
         size = int(hdr[124:135], 8) if hdr[135] == 0 and hdr[124] != 0x80 else _octal(hdr[124:136])
         padded = (size + _BLOCK - 1) & ~(_BLOCK - 1)

@@ -222,6 +222,11 @@ class ShardProcessor:
         emit = self._emit_tts if self.settings.kind == "tts" else self._emit_audio
         batch_size = _TTS_BATCH if self.settings.kind == "tts" else _AUDIO_BATCH
         decode, skip = self.decoder.decode, w.skip
+
+        def flush(samples: list[Sample]) -> None:
+            if samples := codes_in_range(samples, skip):
+                emit(w, samples)
+
         try:
             with open_shard(url, self.client if url.startswith("s3://") else None) as f:
                 for key, fields in iter_samples(f):
@@ -230,9 +235,8 @@ class ShardProcessor:
                     if p is not None:
                         batch.append(p)
                         if len(batch) >= batch_size:
-                            full, batch = codes_in_range(batch, skip), []
-                            if full:
-                                emit(w, full)
+                            full, batch = batch, []
+                            flush(full)
         except (CorruptShardError, gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as e:
             error = f"corrupt: {e}"
         except FileNotFoundError as e:
@@ -242,8 +246,8 @@ class ShardProcessor:
             if code is None:
                 raise
             error = f"missing: {url} ({code})"
-        if batch and (batch := codes_in_range(batch, skip)):  # samples completed before a corruption are kept
-            emit(w, batch)
+        if batch:  # samples completed before a corruption are kept
+            flush(batch)
         return w.record(url, self.settings.fingerprint, error)
 
 

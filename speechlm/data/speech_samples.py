@@ -203,6 +203,6 @@ class SampleDecoder:
             text = text.strip()
         duration = meta.get(sch.duration_field)
         if not isinstance(duration, (int, float)) or isinstance(duration, bool) or not -1e300 < duration < 1e300:
-            duration = 0.0  # absent, not a number, or not finite (an integer too big for a float included)
+            duration = 0.0  # absent, not a number, or beyond +-1e300 (NaN, infinities, integers too big for a float)
         split = "valid" if is_valid_key(key, self.valid_fraction) else "train"
         return Sample(key, language, split, codes, text, float(duration))
